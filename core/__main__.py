@@ -1,0 +1,6 @@
+"""``python -m core`` is the ``pastiche`` command (handy without the console script)."""
+
+from .cli import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

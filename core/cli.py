@@ -1,0 +1,457 @@
+"""The ``pastiche`` command: stylize images, manage weights, and start the other front ends.
+
+Every :class:`~core.settings.Settings` field is an option of ``pastiche stylize``; the options
+are generated from the dataclass (types, defaults, ``Literal`` choices) so the CLI never drifts
+from the engine. User mistakes end with ``pastiche: error: <sentence>`` and exit status 2, never
+a traceback; Ctrl-C stops the optimiser within one step and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import logging
+import math
+import os
+import re
+import signal
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from . import __version__, images
+from .errors import Cancelled, ImageError, PasticheError, SettingsError
+from .settings import QUALITY_ITERATIONS, Settings
+
+PROG = "pastiche"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+# Short help per field; types, defaults and choices come from the dataclass itself.
+FIELD_HELP: dict[str, str] = {
+    "size": "long side of the output in pixels",
+    "iterations": "optimiser steps per scale after the first",
+    "initial_iterations": "steps at the first (coarsest) scale (unset: 2 x --iterations)",
+    "optimizer": "optimiser",
+    "learning_rate": "Adam step size (ignored by L-BFGS)",
+    "lbfgs_history": "L-BFGS memory",
+    "content_weight": "weight of the content loss",
+    "style_weight": "weight of the style loss",
+    "tv_weight": "weight of the total-variation (smoothness) loss",
+    "strength": "0 = stay close to the photo, 1 = mostly style",
+    "content_layers": "comma-separated content layers (unset: the backbone's)",
+    "style_layers": "comma-separated style layers (unset: the backbone's)",
+    "style_layer_weights": "comma-separated weights, one per style layer",
+    "style_depth": "use only the first N style layers (fewer = finer strokes)",
+    "style_blend": "how several styles are mixed",
+    "style_scale": "style image size relative to the output",
+    "init": "what the optimisation starts from",
+    "init_image": "image to start from with --init image",
+    "seed": "random seed (same seed, same device: same result)",
+    "pyramid": "work coarse to fine",
+    "min_size": "long side of the first pyramid scale",
+    "early_stop": "stop a scale when the loss improves by less than this fraction (0: never)",
+    "patience": "steps over which --early-stop is measured",
+    "preserve_colors": "keep the photo's colours",
+    "backbone": "feature network",
+    "weights": "local checkpoint file for the backbone (also $PASTICHE_WEIGHTS)",
+    "device": "auto, cpu, cuda, cuda:N or mps",
+    "precision": "numeric precision of the convolutions",
+    "channels_last": "channels-last memory layout (unset: where measured faster)",
+    "preview_every": "with --preview: refresh it every N steps",
+}
+_SKIP_FIELDS = {"extra"}
+_WEIGHT_SUFFIX = re.compile(r"^(?P<path>.+):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
+_DISPATCH = {
+    "bot": ("bot.__main__", "the Discord bot", "bot"),
+    "helper": ("core.helper", "the GIMP helper", "helper"),
+    "bench": ("benchmarks.bench", "the benchmarks", None),
+}
+log = logging.getLogger("pastiche")
+
+
+# ---- option generation -----------------------------------------------------------------------
+def _field_kind(annotation: Any) -> tuple[Any, bool]:
+    """(the type without ``None``, whether ``None`` is allowed)."""
+    args = typing.get_args(annotation)
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else annotation), True
+    return annotation, False
+
+
+def _list_of(item: type, name: str) -> Callable[[str], tuple]:
+    def parse(text: str) -> tuple:
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        if not parts:
+            raise argparse.ArgumentTypeError(f"--{name} needs a comma-separated list")
+        try:
+            return tuple(item(p) for p in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {item.__name__} list: {text!r}") from None
+
+    parse.__name__ = f"{item.__name__} list"
+    return parse
+
+
+def _show_default(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def add_settings_options(parser: argparse.ArgumentParser) -> list[str]:
+    """One option per Settings field (defaults stay in the dataclass: unset options are simply
+    absent from the namespace). Returns the field names added."""
+    group = parser.add_argument_group("settings (defaults from core.settings.Settings)")
+    hints = typing.get_type_hints(Settings)
+    added = []
+    for f in dataclasses.fields(Settings):
+        if f.name in _SKIP_FIELDS:
+            continue
+        kind, optional = _field_kind(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        help_text = FIELD_HELP.get(f.name, f.name.replace("_", " "))
+        if "(unset:" not in help_text:
+            help_text += f" (default: {_show_default(default)})"
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if typing.get_origin(kind) is typing.Literal:
+            kw["choices"] = typing.get_args(kind)
+        elif kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            kw.update(type=_list_of(item, flag[2:]), metavar="A,B,...")
+        elif kind in (int, float, str):
+            kw["type"] = kind
+            kw["metavar"] = {int: "N", float: "X", str: "TEXT"}[kind]
+        else:  # a new field type: fail loudly in the tests rather than drop the option
+            raise TypeError(f"core.cli cannot map Settings.{f.name}: {kind!r}")
+        if f.name in ("weights", "init_image"):
+            kw["metavar"] = "PATH"
+        group.add_argument(flag, **kw)
+        added.append(f.name)
+    return added
+
+
+def parse_style(text: str) -> tuple[str, float]:
+    """``PATH[:WEIGHT]``: only a trailing ``:<number>`` is a weight, and only when the whole
+    text is not itself an existing file (``C:\\art\\a.png``, ``night:2.png`` stay paths)."""
+    match = _WEIGHT_SUFFIX.match(text)
+    if not match or Path(text).exists():
+        return text, 1.0
+    weight = float(match["weight"])
+    if not math.isfinite(weight) or weight <= 0:
+        raise SettingsError(
+            f"The weight of style '{match['path']}' must be a positive number, got {match['weight']}."
+        )
+    return match["path"], weight
+
+
+def build_settings(ns: argparse.Namespace) -> Settings:
+    """Settings from the parsed options; --quality sets iterations unless --iterations is given."""
+    names = {f.name for f in dataclasses.fields(Settings)} - _SKIP_FIELDS
+    given = {k: v for k, v in vars(ns).items() if k in names}
+    if ns.quality is not None and "iterations" not in given:
+        given["iterations"] = QUALITY_ITERATIONS[ns.quality]
+    if getattr(ns, "preview", None) is None and "preview_every" not in given:
+        given["preview_every"] = 0  # nobody would see the previews
+    given["extra"] = {"frontend": "cli"}
+    try:
+        return Settings(**given)
+    except TypeError as exc:  # pragma: no cover - only if a field type is mis-mapped
+        raise SettingsError(str(exc)) from None
+
+
+# ---- parser ----------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="print full tracebacks and debug logs")
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Turn a photo into a painting with neural style transfer.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    st = sub.add_parser(
+        "stylize",
+        parents=[common],
+        help="paint a photo in the style of one or more images",
+        description="Paint CONTENT in the style of the --style images.",
+        epilog="Example: pastiche stylize me.jpg --style starry.jpg:2 --style scream.jpg -o out.png",
+    )
+    st.add_argument("content", metavar="CONTENT", help="the photo (PNG, JPEG, WebP, ...)")
+    st.add_argument(
+        "-s", "--style", action="append", required=True, metavar="PATH[:WEIGHT]",
+        help="a style image, optionally with a blend weight; repeat for several styles",
+    )  # fmt: skip
+    st.add_argument(
+        "-o", "--output", required=True, metavar="OUT", help="output file (.png, .jpg, .webp)"
+    )
+    st.add_argument(
+        "--quality", choices=tuple(QUALITY_ITERATIONS), default=None,
+        help="iteration budget: " + ", ".join(f"{k}={v}" for k, v in QUALITY_ITERATIONS.items())
+        + " (an explicit --iterations wins)",
+    )  # fmt: skip
+    st.add_argument("--preview", metavar="PATH", help="keep the latest preview image in this file")
+    st.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    add_settings_options(st)
+
+    wt = sub.add_parser("weights", parents=[common], help="list, download or verify model weights")
+    wsub = wt.add_subparsers(dest="action", metavar="ACTION", required=True)
+    wsub.add_parser("list", parents=[common], help="the known weights and whether they are cached")
+    dl = wsub.add_parser("download", parents=[common], help="download named weights into the cache")
+    dl.add_argument("name", metavar="NAME")
+    dl.add_argument("--force", action="store_true", help="download again even if cached")
+    dl.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    vf = wsub.add_parser("verify", parents=[common], help="check a cached or local checkpoint")
+    vf.add_argument("target", metavar="NAME_OR_PATH")
+
+    # Front ends parse their own options; these entries exist for --help only (see main()).
+    sub.add_parser("bot", help="run the Discord bot (pastiche bot --help)", add_help=False)
+    sub.add_parser("helper", help="run the local helper for the GIMP plug-in", add_help=False)
+    sub.add_parser("gimp", help="pastiche gimp install: install the GIMP 3 plug-in", add_help=False)
+    sub.add_parser("bench", help="run the benchmarks (from a source checkout)", add_help=False)
+    return parser
+
+
+# ---- stylize ---------------------------------------------------------------------------------
+class _Interrupt:
+    """First Ctrl-C asks the engine to stop after the current step; a second one is immediate."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._previous: Any = None
+
+    def __enter__(self) -> _Interrupt:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.event.is_set():
+            raise KeyboardInterrupt
+        self.event.set()
+        print(f"\n{PROG}: stopping after this step (Ctrl-C again to quit at once)", file=sys.stderr)
+
+
+class _ProgressBar:
+    """tqdm on stderr: steps over all scales, with the scale, loss and the engine's ETA."""
+
+    def __init__(self, enabled: bool, preview: str | None) -> None:
+        self.enabled = enabled
+        self.preview = preview
+        self.bar: Any = None
+
+    def __call__(self, p: Any) -> None:
+        if self.preview and p.preview is not None:
+            images.save_image(p.preview, self.preview)
+        if not self.enabled:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(
+                total=p.total_steps, file=sys.stderr, unit="step", dynamic_ncols=True,
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+            )  # fmt: skip
+        if self.bar.total != p.total_steps:
+            self.bar.total = p.total_steps
+        self.bar.n = p.step
+        loss = p.losses.get("total")
+        self.bar.set_postfix_str(
+            f"scale {p.scale}/{p.scales} {p.width}x{p.height}"
+            + (f", loss {loss:.4g}" if loss is not None else "")
+            + (f", ETA {_duration(p.eta)}" if p.eta is not None else ""),
+            refresh=False,
+        )
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    minutes, sec = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{sec:02d}" if hours else f"{minutes:02d}:{sec:02d}"
+
+
+def cmd_stylize(ns: argparse.Namespace) -> int:
+    settings = build_settings(ns)
+    images.format_for_path(ns.output)  # a typo in -o fails now, not after the painting
+    out_dir = Path(ns.output).parent
+    if not out_dir.is_dir():
+        raise ImageError(f"Cannot save '{ns.output}': the folder '{out_dir}' does not exist.")
+    if ns.preview:
+        images.format_for_path(ns.preview)
+    # Load (and so check) every input before the model is built, naming the file in errors.
+    content = images.load_image(ns.content, name="content image")
+    styles = []
+    for i, spec in enumerate(ns.style, start=1):
+        path, weight = parse_style(spec)
+        name = "style image" if len(ns.style) == 1 else f"style image {i}"
+        styles.append((images.load_image(path, name=name), weight))
+    settings = settings.replace(
+        extra={
+            **settings.extra,
+            "content": Path(ns.content).name,
+            "styles": [parse_style(s)[0].replace("\\", "/").rsplit("/", 1)[-1] for s in ns.style],
+        }
+    )
+
+    from .engine import stylize
+
+    bar = _ProgressBar(enabled=not ns.quiet, preview=ns.preview)
+    start = time.monotonic()
+    with _Interrupt() as interrupt:
+        try:
+            result = stylize(
+                content, styles, settings, on_progress=bar, should_stop=interrupt.event.is_set
+            )
+        except Cancelled:
+            if not interrupt.event.is_set():
+                raise
+            print(f"{PROG}: interrupted; nothing was saved.", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        finally:
+            bar.close()
+    images.save_image(result.image, ns.output, metadata=result.metadata)
+    if not ns.quiet:
+        w, h = result.image.size
+        print(f"Saved {ns.output} ({w}x{h}) in {time.monotonic() - start:.1f} s.", file=sys.stderr)
+    return EXIT_OK
+
+
+# ---- weights ---------------------------------------------------------------------------------
+def cmd_weights(ns: argparse.Namespace) -> int:
+    from . import weights
+
+    if ns.action == "list":
+        for row in weights.status():
+            mark = "cached" if row.get("present") else "not downloaded"
+            size = f", {row['size'] / 1e6:.0f} MB" if row.get("size") else ""
+            print(f"{row['name']:<12} {mark}{size}")
+            print(f"{'':<12} {row.get('description', '')}")
+            print(f"{'':<12} {row.get('path', '')}")
+        return EXIT_OK
+    if ns.action == "download":
+        path = weights.download(ns.name, progress=not ns.quiet, force=ns.force)
+        print(path)
+        return EXIT_OK
+    ok, message = weights.verify(ns.target)
+    print(message, file=sys.stdout if ok else sys.stderr)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+# ---- other front ends ------------------------------------------------------------------------
+def _dispatch(module_name: str, what: str, extra: str | None, argv: list[str]) -> int:
+    if module_name.startswith("benchmarks."):
+        _add_repo_root()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and module_name.startswith(missing) or module_name == missing:
+            hint = " (it ships only with a source checkout)" if extra is None else ""
+            raise PasticheError(
+                f"{what.capitalize()} is not available in this installation{hint}."
+            ) from None
+        hint = f" Install it with: pip install 'pastiche[{extra}]'." if extra else ""
+        raise PasticheError(
+            f"{what.capitalize()} needs the Python package '{missing}'.{hint}"
+        ) from None
+    code = module.main(argv)
+    return EXIT_OK if code is None else int(code)
+
+
+def _add_repo_root() -> None:
+    root = Path(__file__).resolve().parent.parent
+    if (root / "benchmarks").is_dir() and str(root) not in sys.path:
+        try:
+            importlib.import_module("benchmarks.bench")
+        except ModuleNotFoundError:
+            sys.path.insert(0, str(root))
+
+
+def _front_end(argv: list[str]) -> int | None:
+    """Run ``bot``/``helper``/``bench``/``gimp install`` with the rest of argv, else None."""
+    if not argv:
+        return None
+    head, rest = argv[0], argv[1:]
+    if head in _DISPATCH:
+        return _dispatch(*_DISPATCH[head], rest)
+    if head == "gimp":
+        if rest[:1] != ["install"]:
+            print(f"usage: {PROG} gimp install [options]", file=sys.stderr)
+            print(f"{PROG}: error: the only gimp command is 'install'.", file=sys.stderr)
+            return EXIT_USAGE
+        return _dispatch("gimp_plugin.install", "the GIMP plug-in installer", None, rest[1:])
+    return None
+
+
+# ---- entry point -----------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console script ``pastiche``; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.WARNING,
+        format=f"{PROG}: %(levelname)s: %(message)s" if debug else f"{PROG}: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        front = _front_end(argv)
+        if front is not None:
+            return front
+        ns = build_parser().parse_args(argv)
+        if ns.command == "stylize":
+            return cmd_stylize(ns)
+        return cmd_weights(ns)
+    except PasticheError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted.", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: no raw traceback
+        return _report_crash(exc, debug)
+
+
+def _report_crash(exc: BaseException, debug: bool) -> int:
+    text = "".join(traceback.format_exception(exc))
+    summary = f"{PROG}: internal error: {type(exc).__name__}: {exc}"
+    if debug:
+        print(text, file=sys.stderr, end="")
+        print(summary, file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        fd, path = tempfile.mkstemp(prefix="pastiche-crash-", suffix=".txt")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"{PROG} {__version__}\nargv: {sys.argv!r}\n\n{text}")
+        where = f"The traceback was written to {path}"
+    except OSError:
+        where = "The traceback could not be saved"
+    print(f"{summary}\n{where}; rerun with --debug to print it.", file=sys.stderr)
+    return EXIT_FAILED
