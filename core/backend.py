@@ -14,6 +14,12 @@ from .events import Event, JobRequest, TerminalEvent
 
 Emit = Callable[[Event], None]
 
+GENERIC_FAILURE = (
+    "Something went wrong while painting this image; the details are in the operator's log. "
+    "Please try again."
+)
+"""What the user sees when a job fails for a reason that is a bug, not their input."""
+
 
 class CancelToken:
     """Set once by the runner when a running job must stop: user cancel, time limit, shutdown."""
@@ -67,7 +73,8 @@ class Backend(Protocol):
     ) -> TerminalEvent:
         """Run one job to its end and return its terminal event (Done, Failed, JobCancelled).
 
-        ``emit`` takes ProgressUpdate and Preview events while it runs. Once ``cancel`` is set
+        ``emit`` takes Started (when the engine really begins; the time limit counts from
+        there), then ProgressUpdate and Preview events. Once ``cancel`` is set
         the job must end soon (within one optimiser step, or by killing what runs it) and the
         result is a JobCancelled. Must not raise for anything the job itself did.
         """

@@ -19,11 +19,10 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from enum import Enum
-from functools import partial
 
 from PIL import Image
 
-from .backend import Backend, CancelToken
+from .backend import GENERIC_FAILURE, Backend, CancelToken
 from .errors import BusyError, LimitError
 from .events import (
     TERMINAL_EVENTS,
@@ -38,19 +37,12 @@ from .events import (
     Started,
     TerminalEvent,
 )
+from .images import MAX_PIXELS
 from .settings import Settings
-
-try:  # the front ends and the runner share one decompression-bomb limit
-    from .images import MAX_PIXELS
-except ImportError:  # pragma: no cover - core.images is being written in parallel
-    MAX_PIXELS = 40_000_000
 
 log = logging.getLogger(__name__)
 
-GENERIC_FAILURE = (
-    "Something went wrong while painting this image; the details are in the operator's log. "
-    "Please try again."
-)
+START_FAILURE = "The painting engine could not start in time; please try again later."
 CANCEL_REASONS = {
     "user": "The job was cancelled.",
     "shutdown": "The service shut down before the job could finish.",
@@ -141,6 +133,7 @@ class Job:
         self._terminal: asyncio.Future[TerminalEvent] = asyncio.get_running_loop().create_future()
         self._token: CancelToken | None = None
         self._last_position: int | None = None
+        self._started = False
 
     def __repr__(self) -> str:
         return f"<Job {self.id} owner={self.owner!r} {self.state.value}>"
@@ -361,7 +354,6 @@ class Runner:
             job.state = JobState.RUNNING
             job._token = CancelToken()
             self._running[job.id] = job
-            job._emit(Started(job.id))
             task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -372,10 +364,26 @@ class Runner:
         token = job._token
         assert token is not None
         loop = asyncio.get_running_loop()
-        timer = loop.call_later(self.config.job_timeout, token.cancel, "timeout")
-        log.info("job %s started", job.id)
+        # The time limit counts from Started: a worker being (re)spawned does not eat into it,
+        # but one that never gets going is bounded by start_timeout.
+        timer = loop.call_later(self.config.start_timeout, token.cancel, "start_timeout")
+
+        def relay(event: Event) -> None:
+            """What the backend may emit while a job runs: Started, progress, previews."""
+            nonlocal timer
+            if job.done or event.job_id != job.id:
+                return
+            if isinstance(event, (Started, ProgressUpdate, Preview)) and not job._started:
+                job._started = True
+                job._emit(Started(job.id))
+                timer.cancel()
+                timer = loop.call_later(self.config.job_timeout, token.cancel, "timeout")
+                log.info("job %s started", job.id)
+            if isinstance(event, (ProgressUpdate, Preview)):
+                job._emit(event)
+
         try:
-            terminal = await self.backend.run(job.id, job.request, partial(self._relay, job), token)
+            terminal = await self.backend.run(job.id, job.request, relay, token)
             if not isinstance(terminal, TERMINAL_EVENTS):
                 raise TypeError(f"backend returned {terminal!r}, not a terminal event")
         except asyncio.CancelledError:
@@ -390,6 +398,8 @@ class Runner:
         if isinstance(terminal, JobCancelled):
             if token.reason == "timeout":
                 terminal = Failed(job.id, _timeout_message(self.config.job_timeout))
+            elif token.reason == "start_timeout":
+                terminal = Failed(job.id, START_FAILURE)
             else:
                 terminal = JobCancelled(job.id, CANCEL_REASONS.get(token.reason or "user", ""))
         elif terminal.job_id != job.id:
@@ -404,11 +414,6 @@ class Runner:
         self._finished[job.id] = job
         while len(self._finished) > _KEEP_FINISHED:
             self._finished.popitem(last=False)
-
-    def _relay(self, job: Job, event: Event) -> None:
-        """What the backend may emit while a job runs: progress and previews of that job."""
-        if isinstance(event, (ProgressUpdate, Preview)) and event.job_id == job.id:
-            job._emit(event)
 
     def _cancel(self, job: Job, reason: str) -> bool:
         if job.done:

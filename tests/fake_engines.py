@@ -1,0 +1,100 @@
+"""Stand-ins for ``core.engine.stylize`` that run in real worker processes (no torch).
+
+Each has the engine's signature and honours ``should_stop`` between small sleeps, like the real
+optimiser does between steps. The runner tests select one with ``RunnerConfig(engine=...)``;
+a style blend weight or ``settings.iterations`` steers them from the test.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import os
+import signal
+import time
+from types import SimpleNamespace
+from typing import Any
+
+from PIL import Image
+
+from core.errors import Cancelled, ImageError, SettingsError
+
+STEP = 0.02  # seconds per fake optimiser step
+
+
+def _progress(step: int, total: int, preview: Image.Image | None = None) -> Any:
+    return SimpleNamespace(
+        step=step,
+        total_steps=total,
+        scale=1,
+        scales=1,
+        eta=(total - step) * STEP,
+        losses={"total": 1.0 / step},
+        preview=preview,
+        percent=100.0 * step / total,
+    )
+
+
+def _open(content: Any) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(content))
+        img.load()
+    except Exception as exc:
+        raise ImageError(f"The content image could not be read ({exc}).") from None
+    return img.convert("RGB")
+
+
+def paint(content: Any, styles: Any, settings: Any = None, *, on_progress=None, should_stop=None):
+    """``settings.iterations`` steps of STEP seconds; the output is the content, inverted.
+
+    Reports the worker's pid in the metadata so tests can tell workers apart."""
+    img = _open(content)
+    total = max(1, settings.iterations)
+    for step in range(1, total + 1):
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        time.sleep(STEP)
+        if on_progress is not None:
+            preview = img.resize((8, 8)) if step == 1 else None
+            on_progress(_progress(step, total, preview))
+    out = Image.eval(img, lambda v: 255 - v)
+    return SimpleNamespace(
+        image=out,
+        settings=settings,
+        metadata={"pid": os.getpid(), "label": settings.extra.get("label"), "steps": total},
+    )
+
+
+def instant(content: Any, styles: Any, settings: Any = None, *, on_progress=None, should_stop=None):
+    """No sleeping: for tests about bookkeeping under load."""
+    return SimpleNamespace(
+        image=Image.new("RGB", (4, 4)), settings=settings, metadata={"pid": os.getpid()}
+    )
+
+
+def stubborn(
+    content: Any, styles: Any, settings: Any = None, *, on_progress=None, should_stop=None
+):
+    """Ignores ``should_stop`` (a stuck step): only killing the worker stops it."""
+    time.sleep(600)
+    raise AssertionError("not reached")
+
+
+def by_mode(content: Any, styles: Any, settings: Any = None, *, on_progress=None, should_stop=None):
+    """Behaviour chosen by ``settings.extra["mode"]``: ok, kill, segfault, raise, user_error,
+    stubborn."""
+    mode = settings.extra.get("mode", "ok")
+    if mode == "stubborn":
+        stubborn(content, styles, settings)
+    if mode == "kill":
+        if on_progress is not None:
+            on_progress(_progress(1, 10))
+        time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif mode == "segfault":
+        ctypes.string_at(0)
+    elif mode == "raise":
+        raise ZeroDivisionError("a bug in the engine")
+    elif mode == "user_error":
+        raise SettingsError("The size must be between 16 and 8192, got 3.")
+    return paint(content, styles, settings, on_progress=on_progress, should_stop=should_stop)
