@@ -145,7 +145,7 @@ def features_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
     """
     if "state_dict" in state and isinstance(state["state_dict"], Mapping):
         state = state["state_dict"]
-    out = {k[len("features."):]: v for k, v in state.items() if k.startswith("features.")}
+    out = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     if not out:
         out = {k: v for k, v in state.items() if k[:1].isdigit()}
     return out
@@ -167,8 +167,7 @@ class FeatureExtractor(nn.Module):
         unknown = sorted(wanted - set(arch.names))
         if unknown:
             raise WeightsError(
-                f"{arch.name} has no layer(s) {', '.join(unknown)}; "
-                f"it has {', '.join(arch.names)}."
+                f"{arch.name} has no layer(s) {', '.join(unknown)}; it has {', '.join(arch.names)}."
             )
         self.arch = arch
         self.layers = tuple(n for n in arch.names if n in wanted)
@@ -203,7 +202,9 @@ class FeatureExtractor(nn.Module):
             x = x.flip(1)  # RGB -> BGR, then (x * 255 - mean)
         return (x - self.mean) / self.std
 
-    def forward(self, x: torch.Tensor, layers: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, layers: Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
         wanted = set(self.layers if layers is None else layers)
         stop = max(self.index[n] for n in wanted)
         want_idx = {self.index[n]: n for n in wanted}

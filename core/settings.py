@@ -32,12 +32,13 @@ Precision = Literal["auto", "fp32", "bf16"]
 Backbone = Literal["vgg19", "vgg19-caffe", "squeezenet", "random"]
 
 BACKBONES: tuple[str, ...] = ("vgg19", "vgg19-caffe", "squeezenet", "random")
-QUALITY_ITERATIONS: dict[str, int] = {"draft": 40, "standard": 80, "high": 250}
+QUALITY_ITERATIONS: dict[str, int] = {"draft": 8, "standard": 20, "high": 100}
 """Iterations at the final scale per quality tier (coarser scales get twice as many).
 
 The ratio of first-scale to later-scale iterations is crowsonkb's 1000:500. The absolute numbers
-are a compute budget, not a tuned value: "standard" keeps a 512 px CPU stylization near a
-minute on two cores (see benchmarks/), "high" is for GPUs.
+are a compute budget, not a tuned value: "standard" keeps a 512 px CPU stylization within about
+90 s on two cores (VGG19 costs ~1.8 s per step at 512 px there; see benchmarks/), "high" is for
+GPUs and patient people.
 """
 
 
@@ -125,7 +126,9 @@ class Settings:
     # ---- derived values -------------------------------------------------------------------
     @property
     def first_iterations(self) -> int:
-        return self.initial_iterations if self.initial_iterations is not None else 2 * self.iterations
+        return (
+            self.initial_iterations if self.initial_iterations is not None else 2 * self.iterations
+        )
 
     @property
     def effective_content_weight(self) -> float:
@@ -156,7 +159,10 @@ class Settings:
             raise SettingsError(f"Unknown setting(s): {', '.join(unknown)}.")
         kwargs = {}
         for key, value in data.items():
-            if key in {"content_layers", "style_layers", "style_layer_weights"} and value is not None:
+            if (
+                key in {"content_layers", "style_layers", "style_layer_weights"}
+                and value is not None
+            ):
                 if isinstance(value, str):
                     value = [v for v in value.split(",") if v.strip()]
                 if not isinstance(value, (list, tuple)):
@@ -213,9 +219,7 @@ def _check(s: Settings) -> None:
     _float_in(s, "strength", 0.0, 1.0)
     for name in ("content_layers", "style_layers"):
         layers = getattr(s, name)
-        if layers is not None and (
-            not layers or not all(isinstance(x, str) and x for x in layers)
-        ):
+        if layers is not None and (not layers or not all(isinstance(x, str) and x for x in layers)):
             raise SettingsError(f"{name} must be a non-empty list of layer names.")
     if s.style_layer_weights is not None:
         weights = [_num("style_layer_weights", w) for w in s.style_layer_weights]

@@ -1,0 +1,124 @@
+"""Loss terms as small composable objects, kept out of the network.
+
+A loss maps the backbone's ``{layer: activation}`` dict (plus ``"input"``: the image) to a
+scalar. ``Scale`` weights a term, ``LayerApply`` picks the activation it reads, ``SumLoss``
+adds terms and reports each one, so the engine composes the objective instead of splicing
+modules into the network (the pattern of crowsonkb/style-transfer-pytorch).
+
+Normalisations, chosen so that one set of weights holds at every resolution:
+
+* Gram matrices are divided by the number of positions (H*W) [crowsonkb]; Gatys et al.'s
+  1/(4 N^2 M^2) factor on the unnormalised Gram is the same up to a constant, so the style
+  term does not grow with the image.
+* Content and style differences use the *scaled* MSE ``sum(d^2) / sum(|d|)`` [crowsonkb],
+  whose gradient has an L1 norm of about one, so the term weights are relative shares.
+* Total variation is a mean over pixels (nine-point stencil) [crowsonkb].
+All terms are computed in float32 even when the backbone runs in bfloat16.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Features = Mapping[str, torch.Tensor]
+
+
+def gram(features: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of a (B, C, H, W) activation, divided by H*W, in float32."""
+    b, c, h, w = features.shape
+    mat = features.float().reshape(b, c, h * w)
+    return torch.bmm(mat, mat.transpose(1, 2)) / (h * w)
+
+
+def scaled_mse(input: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """``sum(d^2) / sum(|d|)``: MSE rescaled so its gradient's L1 norm is about one."""
+    diff = input.float() - target
+    return diff.pow(2).sum() / (diff.abs().sum() + eps)
+
+
+class ContentLoss(nn.Module):
+    """Distance between activations and the photo's activations at the same layer."""
+
+    def __init__(self, target: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("target", target.detach().float())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return scaled_mse(input, self.target)
+
+
+class StyleLoss(nn.Module):
+    """Distance between Gram matrices (the target is a Gram, possibly a blend of several)."""
+
+    def __init__(self, target_gram: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("target", target_gram.detach().float())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return scaled_mse(gram(input), self.target)
+
+
+class TVLoss(nn.Module):
+    """L2 total variation with a nine-point stencil, averaged over pixels [crowsonkb]."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = F.pad(input.float(), (1, 1, 1, 1), mode="replicate")
+        s1, s2, s3, s4 = slice(1, -1), slice(2, None), slice(None, -1), slice(1, None)
+        d1 = (x[..., s1, s2] - x[..., s1, s1]).pow(2).mean() / 3
+        d2 = (x[..., s2, s1] - x[..., s1, s1]).pow(2).mean() / 3
+        d3 = (x[..., s4, s4] - x[..., s3, s3]).pow(2).mean() / 12
+        d4 = (x[..., s4, s3] - x[..., s3, s4]).pow(2).mean() / 12
+        return 2 * (d1 + d2 + d3 + d4)
+
+
+class LayerApply(nn.Module):
+    """Apply ``loss`` to one entry of the feature dict."""
+
+    def __init__(self, loss: nn.Module, layer: str) -> None:
+        super().__init__()
+        self.loss = loss
+        self.layer = layer
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return self.loss(feats[self.layer])
+
+
+class Scale(nn.Module):
+    """Multiply a term by a constant weight."""
+
+    def __init__(self, loss: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.loss = loss
+        self.weight = float(weight)
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        return self.loss(feats) * self.weight
+
+
+class SumLoss(nn.Module):
+    """Sum of named groups of terms (content, style, tv); ``values()`` reports each."""
+
+    def __init__(self, groups: Mapping[str, Sequence[nn.Module]]) -> None:
+        super().__init__()
+        self.groups = nn.ModuleDict({k: nn.ModuleList(v) for k, v in groups.items()})
+
+    def forward(self, feats: Features) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=feats["input"].device)
+        parts: dict[str, torch.Tensor] = {}
+        for name, terms in self.groups.items():
+            value = torch.zeros_like(total)
+            for term in terms:
+                value = value + term(feats)
+            parts[name] = value.detach()
+            total = total + value
+        parts["total"] = total.detach()
+        self._parts = parts
+        return total
+
+    def values(self) -> dict[str, float]:
+        """The last evaluation's terms as floats (one device sync, done only when reported)."""
+        return {k: float(v) for k, v in getattr(self, "_parts", {}).items()}
