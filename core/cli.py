@@ -69,10 +69,10 @@ FIELD_HELP: dict[str, str] = {
 }
 _SKIP_FIELDS = {"extra"}
 _WEIGHT_SUFFIX = re.compile(r"^(?P<path>.+):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
-_DISPATCH = {
-    "bot": ("bot.__main__", "the Discord bot", "bot"),
-    "helper": ("core.helper", "the GIMP helper", "helper"),
-    "bench": ("benchmarks.bench", "the benchmarks", None),
+_DISPATCH = {  # command: (module, pip extra that provides its dependencies)
+    "bot": ("bot.__main__", "bot"),
+    "helper": ("core.helper", "helper"),
+    "bench": ("benchmarks.bench", None),
 }
 log = logging.getLogger("pastiche")
 
@@ -355,6 +355,7 @@ def cmd_weights(ns: argparse.Namespace) -> int:
             print(f"{row['name']:<12} {mark}{size}")
             print(f"{'':<12} {row.get('description', '')}")
             print(f"{'':<12} {row.get('path', '')}")
+        print(f"Download with `{PROG} weights download NAME`, or pass --weights FILE.")
         return EXIT_OK
     if ns.action == "download":
         path = weights.download(ns.name, progress=not ns.quiet, force=ns.force)
@@ -366,21 +367,21 @@ def cmd_weights(ns: argparse.Namespace) -> int:
 
 
 # ---- other front ends ------------------------------------------------------------------------
-def _dispatch(module_name: str, what: str, extra: str | None, argv: list[str]) -> int:
+def _dispatch(command: str, module_name: str, extra: str | None, argv: list[str]) -> int:
     if module_name.startswith("benchmarks."):
         _add_repo_root()
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        missing = exc.name or ""
-        if missing and module_name.startswith(missing) or module_name == missing:
-            hint = " (it ships only with a source checkout)" if extra is None else ""
+        missing = exc.name or module_name
+        if module_name == missing or module_name.startswith(missing + "."):
+            where = "a source checkout" if extra is None else "a complete installation"
             raise PasticheError(
-                f"{what.capitalize()} is not available in this installation{hint}."
+                f"Cannot run `{PROG} {command}`: {module_name} is missing; it comes with {where}."
             ) from None
         hint = f" Install it with: pip install 'pastiche[{extra}]'." if extra else ""
         raise PasticheError(
-            f"{what.capitalize()} needs the Python package '{missing}'.{hint}"
+            f"Cannot run `{PROG} {command}`: it needs the Python package '{missing}'.{hint}"
         ) from None
     code = module.main(argv)
     return EXIT_OK if code is None else int(code)
@@ -401,13 +402,13 @@ def _front_end(argv: list[str]) -> int | None:
         return None
     head, rest = argv[0], argv[1:]
     if head in _DISPATCH:
-        return _dispatch(*_DISPATCH[head], rest)
+        return _dispatch(head, *_DISPATCH[head], rest)
     if head == "gimp":
         if rest[:1] != ["install"]:
             print(f"usage: {PROG} gimp install [options]", file=sys.stderr)
             print(f"{PROG}: error: the only gimp command is 'install'.", file=sys.stderr)
             return EXIT_USAGE
-        return _dispatch("gimp_plugin.install", "the GIMP plug-in installer", None, rest[1:])
+        return _dispatch("gimp install", "gimp_plugin.install", None, rest[1:])
     return None
 
 
@@ -416,15 +417,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Console script ``pastiche``; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.WARNING,
-        format=f"{PROG}: %(levelname)s: %(message)s" if debug else f"{PROG}: %(message)s",
-        stream=sys.stderr,
-    )
     try:
-        front = _front_end(argv)
+        front = _front_end(argv)  # they set up their own logging
         if front is not None:
             return front
+        logging.basicConfig(
+            level=logging.DEBUG if debug else logging.WARNING,
+            format=f"{PROG}: %(levelname)s: %(message)s" if debug else f"{PROG}: %(message)s",
+            stream=sys.stderr,
+        )
         ns = build_parser().parse_args(argv)
         if ns.command == "stylize":
             return cmd_stylize(ns)

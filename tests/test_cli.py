@@ -132,6 +132,8 @@ def test_user_errors_exit_2_before_any_work(
     assert "pastiche: error: size must be between 16 and 8192, got 5." in capsys.readouterr().err
     assert cli.main([*base, "-o", str(files["out"].with_suffix(".tga"))]) == 2
     assert "'.tga' is not a supported output type" in capsys.readouterr().err
+    assert cli.main([*base, "-o", str(files["out"]), "--preview", "p.bmp"]) == 2
+    assert "Cannot save 'p.bmp'" in capsys.readouterr().err
     assert cli.main([*base, "-o", str(files["out"].parent / "nope" / "o.png")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli.main([*base, "-s", f"{files['style']}:0", "-o", str(files["out"])]) == 2
@@ -277,7 +279,15 @@ def test_missing_front_end_is_a_clear_error(
 ) -> None:
     monkeypatch.setitem(sys.modules, "gimp_plugin.install", None)  # import fails
     assert cli.main(["gimp", "install"]) == 2
-    assert "not available" in capsys.readouterr().err
+    assert (
+        "Cannot run `pastiche gimp install`: gimp_plugin.install is missing"
+        in capsys.readouterr().err
+    )
+    monkeypatch.setitem(sys.modules, "discord", None)  # as if discord.py were not installed
+    monkeypatch.delitem(sys.modules, "bot.__main__", raising=False)
+    assert cli.main(["bot"]) == 2
+    err = capsys.readouterr().err
+    assert "needs the Python package 'discord'" in err and "pastiche[bot]" in err
     assert cli.main(["gimp", "uninstall"]) == 2
     assert "only gimp command is 'install'" in capsys.readouterr().err
 
