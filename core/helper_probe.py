@@ -1,0 +1,52 @@
+"""Report the device and weights the helper's workers will use, as one line of JSON.
+
+Run as ``python -m core.helper_probe '<settings json>'`` by the helper at start-up, so the
+helper's own process (the event loop the GIMP plug-in talks to) never has to import torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from .errors import PasticheError
+from .settings import Settings
+
+
+def probe(settings: Settings) -> dict[str, Any]:
+    """Device and weights for ``settings``; never downloads."""
+    import torch
+
+    device = settings.device
+    if device == "auto":
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            device = "mps"
+        else:
+            device = "cpu"
+    info: dict[str, Any] = {"device": device, "backbone": settings.backbone}
+    if settings.backbone == "random":
+        info.update(weights_present=True, weights_path=None, weights_message="Random weights.")
+        return info
+    from . import weights
+
+    try:
+        path = weights.resolve(settings.backbone, settings.weights, download=False, progress=False)
+    except PasticheError as exc:
+        info.update(weights_present=False, weights_path=None, weights_message=str(exc))
+    else:
+        info.update(weights_present=True, weights_path=str(path), weights_message="")
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    settings = Settings.from_dict(json.loads(args[0]) if args else {})
+    print(json.dumps(probe(settings)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
