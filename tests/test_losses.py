@@ -1,0 +1,98 @@
+"""Loss formulas against hand-computed values, and the normalisations that make defaults hold
+at any image size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from core.colour import match_colour_stats, rgb_to_ycbcr, ycbcr_to_rgb
+from core.losses import ContentLoss, LayerApply, Scale, StyleLoss, SumLoss, TVLoss, gram, scaled_mse
+
+
+def test_gram_matches_hand_computed_values_divided_by_positions() -> None:
+    # Two channels over 2x1 positions: a = (1, 2), b = (3, 4).
+    x = torch.tensor([[[[1.0], [2.0]], [[3.0], [4.0]]]])
+    expected = torch.tensor([[[1 + 4, 3 + 8], [3 + 8, 9 + 16]]]) / 2
+    assert torch.allclose(gram(x), expected)
+
+
+def test_gram_is_independent_of_image_size() -> None:
+    x = torch.rand(1, 8, 5, 7)
+    tiled = x.repeat(1, 1, 3, 2)  # same statistics, six times the positions
+    assert torch.allclose(gram(x), gram(tiled), atol=1e-6)
+
+
+def test_gram_of_bf16_features_is_float32() -> None:
+    assert gram(torch.rand(1, 4, 3, 3).bfloat16()).dtype == torch.float32
+
+
+def test_scaled_mse_is_sum_of_squares_over_sum_of_abs() -> None:
+    a = torch.tensor([1.0, 2.0, 4.0])
+    b = torch.tensor([1.0, 0.0, 1.0])  # differences 0, 2, 3
+    assert scaled_mse(a, b).item() == pytest.approx((4 + 9) / (2 + 3))
+
+
+def test_scaled_mse_gradient_has_l1_norm_about_one() -> None:
+    a = (torch.rand(1000) * 10).requires_grad_(True)
+    scaled_mse(a, torch.zeros(1000)).backward()
+    assert a.grad.abs().sum().item() == pytest.approx(1.0, rel=0.35)
+
+
+def test_content_loss_is_size_independent() -> None:
+    x, y = torch.rand(1, 4, 6, 6), torch.rand(1, 4, 6, 6)
+    small = ContentLoss(y)(x)
+    big = ContentLoss(y.repeat(1, 1, 2, 2))(x.repeat(1, 1, 2, 2))
+    assert small.item() == pytest.approx(big.item(), rel=1e-5)
+
+
+def test_style_loss_is_zero_for_its_own_target_and_positive_otherwise() -> None:
+    x = torch.rand(1, 4, 6, 6)
+    assert StyleLoss(gram(x))(x).item() == pytest.approx(0.0, abs=1e-6)
+    assert StyleLoss(gram(x))(torch.rand(1, 4, 6, 6)).item() > 0
+
+
+def test_tv_loss_hand_computed_on_a_2x2_image() -> None:
+    # One channel [[0, 1], [0, 1]], replicate-padded to rows of [0, 0, 1, 1].
+    x = torch.tensor([[[[0.0, 1.0], [0.0, 1.0]]]])
+    d1 = (1 / 2) / 3  # horizontal differences over the 2x2 interior: (1, 0) per row
+    d2 = 0.0  # vertical: all rows equal
+    d3 = (1 / 3) / 12  # diagonal over the 3x3 window: (0, 1, 0) per row
+    d4 = (1 / 3) / 12  # anti-diagonal: (0, -1, 0) per row
+    assert TVLoss()(x).item() == pytest.approx(2 * (d1 + d2 + d3 + d4))
+
+
+def test_tv_loss_of_flat_image_is_zero_and_is_a_mean() -> None:
+    assert TVLoss()(torch.full((1, 3, 5, 5), 0.3)).item() == 0.0
+    x = torch.rand(1, 3, 8, 8)
+    assert TVLoss()(x.repeat(1, 1, 1, 1)).item() == pytest.approx(TVLoss()(x).item())
+
+
+def test_composed_objective_sums_scaled_terms_and_reports_each() -> None:
+    feats = {"a": torch.rand(1, 2, 3, 3), "input": torch.rand(1, 3, 4, 4)}
+    target = torch.rand(1, 2, 3, 3)
+    content = Scale(LayerApply(ContentLoss(target), "a"), 2.0)
+    tv = Scale(LayerApply(TVLoss(), "input"), 0.5)
+    objective = SumLoss({"content": [content], "tv": [tv]})
+    total = objective(feats)
+    values = objective.values()
+    expected_c = 2.0 * scaled_mse(feats["a"], target).item()
+    expected_tv = 0.5 * TVLoss()(feats["input"]).item()
+    assert values["content"] == pytest.approx(expected_c, rel=1e-5)
+    assert values["tv"] == pytest.approx(expected_tv, rel=1e-5)
+    assert total.item() == pytest.approx(expected_c + expected_tv, rel=1e-5)
+
+
+def test_ycbcr_round_trip() -> None:
+    x = torch.rand(1, 3, 4, 4)
+    assert torch.allclose(ycbcr_to_rgb(rgb_to_ycbcr(x)), x, atol=1e-5)
+
+
+def test_colour_stats_matching_gives_the_content_mean_and_covariance() -> None:
+    gen = torch.Generator().manual_seed(0)
+    style = torch.rand(1, 3, 16, 16, generator=gen) * 0.3 + 0.1
+    content = torch.rand(1, 3, 16, 16, generator=gen) * 0.4 + 0.4
+    out = match_colour_stats(style, content)
+    o, c = out[0].reshape(3, -1), content[0].reshape(3, -1)
+    assert torch.allclose(o.mean(1), c.mean(1), atol=1e-3)
+    assert torch.allclose(torch.cov(o), torch.cov(c), atol=2e-3)
