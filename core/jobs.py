@@ -101,7 +101,11 @@ class RunnerConfig:
     stop_grace: float = 10.0
     """Seconds a cancelled or timed-out job gets to stop before its worker is killed."""
     start_timeout: float = 120.0
-    """How long ``start()`` waits for the workers to be ready (then carries on anyway)."""
+    """How long ``start()`` waits for the workers to be ready (then carries on anyway), and how
+    long a dispatched job may wait for its worker to begin."""
+    threads: int | None = None
+    """Torch CPU threads per worker; None = torch's default for one worker, else the CPU
+    cores shared out between the workers (they would otherwise oversubscribe the CPU)."""
 
     def __post_init__(self) -> None:
         for name in ("workers", "max_queue", "max_per_owner", "max_pixels"):
@@ -111,6 +115,8 @@ class RunnerConfig:
         for name in ("job_timeout", "stop_grace", "start_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"RunnerConfig.{name} must be a positive number of seconds.")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError("RunnerConfig.threads must be a whole number >= 1 or None.")
         if ":" not in self.engine:
             raise ValueError('RunnerConfig.engine must look like "module:function".')
 

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import multiprocessing
+import os
 import threading
 from multiprocessing.connection import wait as wait_any
 from typing import Any
@@ -53,7 +54,14 @@ class _Worker:
         self.cancel_seq = _SPAWN.RawValue("q", 0)
         self.process = _SPAWN.Process(
             target=worker_module.main,
-            args=(child_tasks, child_events, self.cancel_seq, config.engine, config.warmup),
+            args=(
+                child_tasks,
+                child_events,
+                self.cancel_seq,
+                config.engine,
+                config.warmup,
+                _threads(config),
+            ),
             name=f"pastiche-worker-{slot}",
             daemon=True,
         )
@@ -156,6 +164,14 @@ class _Worker:
             self._thread.join(5)
         self.tasks.close()
         self.events.close()
+
+
+def _threads(config: Any) -> int | None:
+    if config.threads is not None:
+        return config.threads
+    if config.workers == 1:
+        return None
+    return max(1, (os.cpu_count() or 1) // config.workers)
 
 
 class LocalBackend:

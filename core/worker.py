@@ -46,11 +46,16 @@ def main(
     cancel_seq: Any,
     engine_path: str,
     warmup: Settings | None = None,
+    threads: int | None = None,
 ) -> None:
     """Process entry point: serve jobs until told to exit or the parent goes away."""
     # Ctrl-C in a terminal reaches the whole process group; the parent decides when we stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         _serve(tasks, events, cancel_seq, engine_path, warmup)
     except (BrokenPipeError, EOFError, ConnectionError):
         pass  # the parent is gone or closed the pipe: nothing left to report to

@@ -11,6 +11,7 @@ import ctypes
 import io
 import os
 import signal
+import sys
 import time
 from types import SimpleNamespace
 from typing import Any
@@ -44,6 +45,11 @@ def _open(content: Any) -> Image.Image:
     return img.convert("RGB")
 
 
+def _torch_threads() -> int | None:
+    torch = sys.modules.get("torch")  # loaded by the worker only when it sets a thread count
+    return None if torch is None else torch.get_num_threads()
+
+
 def paint(content: Any, styles: Any, settings: Any = None, *, on_progress=None, should_stop=None):
     """``settings.iterations`` steps of STEP seconds; the output is the content, inverted.
 
@@ -61,7 +67,12 @@ def paint(content: Any, styles: Any, settings: Any = None, *, on_progress=None, 
     return SimpleNamespace(
         image=out,
         settings=settings,
-        metadata={"pid": os.getpid(), "label": settings.extra.get("label"), "steps": total},
+        metadata={
+            "pid": os.getpid(),
+            "label": settings.extra.get("label"),
+            "steps": total,
+            "threads": _torch_threads(),
+        },
     )
 
 

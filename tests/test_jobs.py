@@ -290,6 +290,9 @@ async def test_many_owners_then_close_leaves_nothing():
         assert len(terminal) == 1 and events[-1] is terminal[0] and job.done
         assert isinstance(terminal[0], JobCancelled if job in cancelled else Done)
     assert {j.result.metadata["pid"] for j in jobs if j.result} == set(pids)
+    # Two workers share the CPU cores instead of each taking all of them.
+    expected_threads = max(1, (os.cpu_count() or 1) // 2)
+    assert {j.result.metadata["threads"] for j in jobs if j.result} == {expected_threads}
 
     # close() with one job running and two waiting: each gets its terminal event.
     running = await runner.submit(req(steps=5000), owner="late")
@@ -313,15 +316,16 @@ async def test_many_owners_then_close_leaves_nothing():
 @pytest.mark.asyncio(loop_scope="module")
 async def test_real_engine_jobs(tiny_settings, caplog, content_png, style_png):
     caplog.set_level(logging.INFO, logger="core.local_backend")
-    config = RunnerConfig(warmup=tiny_settings(iterations=1), max_per_owner=5)
+    config = RunnerConfig(warmup=tiny_settings(iterations=1, pyramid=False), threads=1)
 
     def real(content=content_png, **changes) -> JobRequest:
+        changes = {"iterations": 1, "pyramid": False, **changes}
         return JobRequest(content, ((style_png, 1.0),), tiny_settings(**changes), "test")
 
     async with Runner(config) as runner:
         assert "warm-up done" in caplog.text
         pid = worker_pid(runner)
-        job = await runner.submit(real(iterations=3, preview_every=1), owner="real")
+        job = await runner.submit(real(iterations=2, preview_every=1), owner="real")
         events = [e async for e in job.events()]
         done = events[-1]
         assert isinstance(done, Done), events[-1]
