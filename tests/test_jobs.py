@@ -20,9 +20,10 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from core.backend import GENERIC_FAILURE
+from core.backend import GENERIC_FAILURE, Backend
 from core.errors import BusyError, LimitError
 from core.jobs import (
+    START_FAILURE,
     TERMINAL_EVENTS,
     Done,
     Failed,
@@ -347,3 +348,56 @@ async def test_real_engine_jobs(tiny_settings, caplog, content_png, style_png):
         assert await finish(doomed) == Failed(doomed.id, CRASH_MESSAGE)
         assert isinstance(await finish(await runner.submit(real(), owner="real")), Done)
         assert worker_pid(runner) != pid
+
+
+# ---- the Backend boundary (no processes) ----------------------------------------------------
+class ScriptedBackend:
+    """An in-loop Backend, as a remote one would be: proves the runner needs nothing else."""
+
+    capacity = 1
+
+    def __init__(self, behaviour: str) -> None:
+        self.behaviour = behaviour
+        self.started = self.closed = False
+
+    async def start(self) -> None:
+        self.started = True
+
+    async def run(self, job_id, request, emit, cancel):
+        if self.behaviour == "raise":
+            raise RuntimeError("the remote service is down")
+        if self.behaviour == "ok":
+            emit(ProgressUpdate(job_id, 50.0, 1, 2, 1, 1, 1.0, {"total": 1.0}))
+            emit(ProgressUpdate("someone-else", 50.0, 1, 2, 1, 1, 1.0, {}))  # ignored
+            return Done(job_id, b"png", {"remote": True}, 1, 1)
+        stopped = asyncio.Event()  # "hang": never starts, ends only when cancelled
+        cancel.on_cancel(lambda reason: stopped.set())
+        await stopped.wait()
+        return JobCancelled(job_id, "")
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "expected"),
+    [
+        ("ok", Done),
+        ("raise", Failed(job_id="", message=GENERIC_FAILURE)),
+        ("hang", Failed(job_id="", message=START_FAILURE)),
+    ],
+)
+async def test_runner_with_another_backend(behaviour, expected):
+    backend = ScriptedBackend(behaviour)
+    assert isinstance(backend, Backend)
+    async with Runner(RunnerConfig(start_timeout=0.2), backend=backend) as runner:
+        assert backend.started
+        job = await runner.submit(req(), owner="remote")
+        events = await asyncio.wait_for(collect(job), WAIT)
+    assert backend.closed
+    if expected is Done:
+        assert [type(e) for e in events] == [Queued, Started, ProgressUpdate, Done]
+        assert events[2].job_id == job.id and job.result.metadata == {"remote": True}
+    else:
+        assert events[-1] == Failed(job.id, expected.message)
+        assert not any(isinstance(e, Started) for e in events)
