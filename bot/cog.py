@@ -12,7 +12,7 @@ import io
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,6 +27,7 @@ from core.jobs import (
     Job,
     JobCancelled,
     JobRequest,
+    JobState,
     Preview,
     ProgressUpdate,
     Queued,
@@ -41,7 +42,7 @@ from .delivery import fit_to_limit, settings_embed
 from .origin import InteractionOrigin, MessageOrigin, Origin
 from .status import JobStatus, ThrottledEditor, render
 from .thumbnails import thumbnail
-from .validation import fetch_image
+from .validation import check_attachment, fetch_image
 from .views import cancel_view
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,15 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         *,
         base_settings: Settings | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self.bot = bot
         self.runner = runner
         self.config = config
         self.presets = presets
         self.base_settings = base_settings or config.engine.base_settings()
-        self.clock = clock
+        self.clock = clock  # injectable, with sleep, for the status throttle and cooldowns
+        self.sleep = sleep
         self._last_submit: dict[int, float] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._thumbs: dict[str, bytes] = {}
@@ -255,6 +258,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         limits = self.config.limits
         try:
             self._check_cooldown(user_id)
+            check_attachment(photo, what="photo", max_bytes=limits.max_attachment_bytes)
             chosen = await self._choose_style(style, preset)
             upload = await fetch_image(
                 photo, what="photo", max_bytes=limits.max_attachment_bytes,
@@ -276,7 +280,16 @@ class PasticheCog(commands.Cog, name="Pastiche"):
             return None
         self._last_submit[user_id] = self.clock()
         log.info("job %s: %s queued %r at %s", job.id, user_id, chosen.label, job.position)
-        task = asyncio.create_task(self._follow(job, origin, chosen.label, settings))
+        # Answer at once with the queue position; the follower keeps this message current.
+        status = JobStatus(job_id=job.id, label=chosen.label, position=job.position)
+        if job.state is JobState.RUNNING:  # an idle worker took it at once
+            status.state = "running"
+        view = cancel_view(job.id, user_id)
+        try:
+            await origin.post_status(**self._state(status, view, origin.user.mention))
+        except (discord.HTTPException, discord.ClientException) as exc:
+            log.warning("job %s: could not post its status message: %s", job.id, exc)
+        task = asyncio.create_task(self._follow(job, origin, status, view, settings))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
@@ -335,23 +348,24 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         )
 
     # ---- following a job -----------------------------------------------------------------
-    async def _follow(self, job: Job, origin: Origin, label: str, settings: Settings) -> None:
+    @staticmethod
+    def _state(status: JobStatus, view: discord.ui.View, requester: str) -> dict[str, Any]:
+        embed, files = render(status, requester=requester)
+        return {"embed": embed, "files": files, "view": None if status.terminal else view}
+
+    async def _follow(
+        self, job: Job, origin: Origin, status: JobStatus, view: discord.ui.View, settings: Settings
+    ) -> None:
         """Keep the status message current and deliver the result; never raises."""
-        status = JobStatus(job_id=job.id, label=label, position=job.position)
-        view = cancel_view(job.id, origin.user.id)
         requester = origin.user.mention
 
         def state() -> dict[str, Any]:
-            embed, files = render(status, requester=requester)
-            return {"embed": embed, "files": files, "view": None if status.terminal else view}
+            return self._state(status, view, requester)
 
-        try:
-            await origin.post_status(**state())
-        except (discord.HTTPException, discord.ClientException) as exc:
-            log.warning("job %s: could not post its status message: %s", job.id, exc)
         editor = ThrottledEditor(
-            origin.edit_status, self.config.limits.status_interval, clock=self.clock
-        )
+            origin.edit_status, self.config.limits.status_interval, clock=self.clock,
+            sleep=self.sleep,
+        )  # fmt: skip
         started: float | None = None
         try:
             async for event in job.events():

@@ -29,7 +29,7 @@ PREVIEW_NAME = "preview.png"
 class ThrottledEditor:
     """Edits one message through ``edit(**kwargs)``, never more often than ``interval``.
 
-    ``clock`` is injectable so tests can count edits without sleeping.
+    ``clock`` and ``sleep`` are injectable so tests can count edits without waiting.
     """
 
     def __init__(
@@ -38,8 +38,10 @@ class ThrottledEditor:
         interval: float,
         *,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
     ) -> None:
         self._edit = edit
+        self._sleep = sleep
         self._interval = interval
         self._clock = clock
         self._last = clock()  # the message was posted just now
@@ -71,7 +73,7 @@ class ThrottledEditor:
         await self._flush()
 
     async def _flush_later(self) -> None:
-        await asyncio.sleep(max(0.0, self._interval - (self._clock() - self._last)))
+        await self._sleep(max(0.0, self._interval - (self._clock() - self._last)))
         self._timer = None
         await self._flush()
 
