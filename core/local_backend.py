@@ -76,6 +76,14 @@ class _Worker:
     def pid(self) -> int | None:
         return self.process.pid
 
+    @property
+    def gone(self) -> bool:
+        """Exited, or never started because spawning it failed."""
+        launch_failed = (
+            self.launched is not None and self.launched.done() and self.launched.exception()
+        )
+        return self.exited.done() or bool(launch_failed)
+
     def launch(self) -> asyncio.Future[None]:
         """Start the process in a thread (spawning takes a moment); idempotent."""
         if self.launched is None:
@@ -212,7 +220,7 @@ class LocalBackend:
     async def _ensure_worker(self, slot: int) -> _Worker:
         """The slot's live worker, started anew if it died (jobs never wait on a backoff)."""
         worker = self._slots[slot]
-        if worker is None or worker.exited.done():
+        if worker is None or worker.gone:
             restart = self._restarts[slot]
             if restart is not None and not restart.done():
                 restart.cancel()
@@ -241,7 +249,10 @@ class LocalBackend:
         async def restart() -> None:
             await asyncio.sleep(delay)
             if not self._closing and not self._busy[slot]:
-                await self._ensure_worker(slot)
+                try:
+                    await self._ensure_worker(slot)
+                except Exception:  # the next job tries again and fails with a message
+                    log.exception("could not start worker %d", slot)
 
         self._restarts[slot] = asyncio.get_running_loop().create_task(restart())
 
@@ -258,7 +269,7 @@ class LocalBackend:
             return await self._run_on(worker, job_id, request, emit, cancel)
         finally:
             self._busy[slot] = False
-            if worker is not None and worker.exited.done() and not self._closing:
+            if worker is not None and worker.gone and not self._closing:
                 self._schedule_restart(slot)
 
     async def _run_on(

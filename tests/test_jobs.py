@@ -238,6 +238,20 @@ async def test_worker_death_fails_the_job_and_the_queue_goes_on(runner, mode):
     assert new_pid != pid and runner.backend.pids == [new_pid]
 
 
+@pytest.mark.asyncio(loop_scope="module")
+async def test_idle_worker_death_is_replaced_before_the_next_job(runner):
+    pid = worker_pid(runner)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(WAIT * 10):  # the replacement starts without waiting for a job
+        if runner.backend.pids not in ([], [pid]):
+            break
+        await asyncio.sleep(0.1)
+    (new_pid,) = runner.backend.pids
+    assert new_pid != pid
+    done = await finish(await runner.submit(req(), owner="idle"))
+    assert isinstance(done, Done) and done.metadata["pid"] == new_pid
+
+
 # ---- the event loop -------------------------------------------------------------------------
 @pytest.mark.asyncio(loop_scope="module")
 async def test_event_loop_stays_responsive(runner):
