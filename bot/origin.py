@@ -7,6 +7,7 @@ channel through the bot's own connection instead.
 
 from __future__ import annotations
 
+import abc
 import datetime as dt
 import logging
 from collections.abc import Callable
@@ -31,25 +32,28 @@ def _send_kwargs(embed: discord.Embed, files: list[discord.File], view: discord.
     return kwargs
 
 
-class Origin:
+class Origin(abc.ABC):
     """Common interface; see the two subclasses."""
 
     user: Any
     upload_limit: int
     channel: Any
 
+    @abc.abstractmethod
     async def tell(self, text: str) -> None:
         """A short answer only the requester needs to see (ephemeral where possible)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     async def post_status(self, embed, files, view) -> None:
-        raise NotImplementedError
+        """Post the job's status message (with its Cancel button)."""
 
+    @abc.abstractmethod
     async def edit_status(self, embed, files, view) -> None:
-        raise NotImplementedError
+        """Show a new state in the status message."""
 
+    @abc.abstractmethod
     async def deliver(self, content: str, embed: discord.Embed, file: FileFactory) -> None:
-        raise NotImplementedError
+        """Upload the result; ``file`` makes a fresh discord.File for each attempt."""
 
     @property
     def mentions(self) -> discord.AllowedMentions:

@@ -86,7 +86,7 @@ class ThrottledEditor:
             self.edits += 1
             try:
                 await self._edit(**kwargs)
-            except discord.HTTPException as exc:  # a lost edit must not stop the job
+            except discord.DiscordException as exc:  # a lost edit must not stop the job
                 log.warning("Could not edit a status message: %s", exc)
 
 

@@ -24,6 +24,7 @@ from bot.status import JobStatus, ThrottledEditor, progress_bar, render
 from bot.validation import fetch_image, is_image
 from bot.views import GONE, NOT_YOURS, TEMPLATE, CancelButton, cancel_view, handle_cancel
 from core.errors import ImageError
+from core.settings import QUALITY_ITERATIONS
 
 from .conftest import image_bytes, make_image
 
@@ -42,7 +43,7 @@ def test_config_file_env_token_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.presets == tmp_path / "styles"
     assert cfg.limits.max_per_user == 3 and cfg.limits.max_attachment_bytes == 2 * MiB
     settings = cfg.engine.base_settings()
-    assert settings.iterations == 40 and settings.size == 256
+    assert settings.iterations == QUALITY_ITERATIONS["draft"] and settings.size == 256
     assert settings.weights == str(tmp_path / "w" / "vgg.pth")
     assert load_config(tmp_path / "bot.toml", env={"DISCORD_TOKEN": "env"}).token == "env"
     assert load_config(None, env={}).token is None  # no file at all: defaults
