@@ -30,8 +30,8 @@ from .settings import Settings
 
 log = logging.getLogger(__name__)
 
-ImageInput = Union[str, "os.PathLike[str]", bytes, Image.Image]
-StyleInput = Union[ImageInput, tuple[ImageInput, float]]
+ImageInput = Union[str, "os.PathLike[str]", bytes, Image.Image]  # noqa: UP007 (runtime alias)
+StyleInput = Union[ImageInput, tuple[ImageInput, float]]  # noqa: UP007
 
 PREVIEW_SIDE = 256
 _MODEL_CACHE: OrderedDict[tuple, backbones.FeatureExtractor] = OrderedDict()
@@ -352,9 +352,12 @@ def stylize(
         )
     sizes = [fit(photo.size, side) for side in pyramid(s.min_size, s.size, s.pyramid)]
     sizes = [wh for wh in sizes if min(wh) >= min_side] or [(out_w, out_h)]
-    plan_iters = [s.first_iterations if i == 0 else s.iterations for i in range(len(sizes))]
+    if len(sizes) == 1:
+        plan_iters = [s.iterations if s.initial_iterations is None else s.initial_iterations]
+    else:
+        plan_iters = [s.first_iterations] + [s.iterations] * (len(sizes) - 1)
     total_steps = sum(plan_iters)
-    pixel_steps = [n * w * h for n, (w, h) in zip(plan_iters, sizes)]
+    pixel_steps = [n * w * h for n, (w, h) in zip(plan_iters, sizes, strict=True)]
 
     # Colour preservation works on the inputs (and, for luminance, on the output).
     photo_t_full = to_tensor(photo, device)
@@ -389,7 +392,7 @@ def stylize(
     done_pixel_steps, opt_time, step, cache_hits = 0, 0.0, 0, 0
     steps_run: list[int] = []
 
-    for scale_i, ((w, h), iters) in enumerate(zip(sizes, plan_iters)):
+    for scale_i, ((w, h), iters) in enumerate(zip(sizes, plan_iters, strict=True)):
         content_t = prep_content(to_tensor(resize(photo, (w, h)), device))
         with torch.no_grad():
             content_feats = fwd(content_t, plan.content)
@@ -418,12 +421,12 @@ def stylize(
             else:
                 style_terms += [
                     Scale(LayerApply(StyleLoss(grams[n]), n), s.style_weight * lw * share)
-                    for n, lw in zip(plan.style, plan.style_weights)
+                    for n, lw in zip(plan.style, plan.style_weights, strict=True)
                 ]
         if s.style_blend == "gram":
             style_terms = [
                 Scale(LayerApply(StyleLoss(mixed[n]), n), s.style_weight * lw)
-                for n, lw in zip(plan.style, plan.style_weights)
+                for n, lw in zip(plan.style, plan.style_weights, strict=True)
             ]
         tv_terms = [Scale(LayerApply(TVLoss(), "input"), s.tv_weight)]
         objective = SumLoss({"content": content_terms, "style": style_terms, "tv": tv_terms})
@@ -439,17 +442,9 @@ def stylize(
             start = to_tensor(resize(init_img, (w, h)), device)
         image = prep_content(start.clamp(0, 1)).contiguous().requires_grad_(True)
 
-        if s.optimizer == "lbfgs":
-            # One function evaluation per step, history 10 [crowsonkb]; lr 1 is L-BFGS's own.
-            opt: torch.optim.Optimizer = torch.optim.LBFGS(
-                [image], lr=1, max_iter=1, history_size=s.lbfgs_history
-            )
-        else:
-            opt = torch.optim.Adam([image], lr=s.learning_rate)
-        average = image.detach().clone() if s.optimizer == "adam" else None
-        avg_weight = 0.0
+        opt, average = _optimizer(s, image)
 
-        def closure() -> torch.Tensor:
+        def closure(opt=opt, image=image, objective=objective) -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
             feats = fwd(image)
             feats["input"] = image
@@ -457,7 +452,7 @@ def stylize(
             loss.backward()
             return loss
 
-        best, best_at = math.inf, 0
+        best, best_at, it = math.inf, 0, 0
         for it in range(1, iters + 1):
             if should_stop is not None and should_stop():
                 raise Cancelled()
@@ -465,12 +460,11 @@ def stylize(
             opt.step(closure)
             if average is not None:
                 with torch.no_grad():
-                    image.clamp_(0, 1)
-                    # Bias-corrected EMA of the iterates, decay 0.99 [crowsonkb avg_decay].
-                    avg_weight = 0.99 * avg_weight + 0.01
+                    image.clamp_(0, 1)  # box constraint for Adam (not L-BFGS) [crowsonkb]
+                    # EMA of the iterates, decay 0.99 [crowsonkb avg_decay].
                     average.mul_(0.99).add_(image.detach(), alpha=0.01)
             losses = objective.values()
-            if not math.isfinite(losses.get("total", 0.0)):
+            if not math.isfinite(losses["total"]):
                 raise SettingsError(
                     "The optimisation diverged (the loss is not a number). Lower the learning "
                     "rate or the loss weights."
@@ -478,39 +472,30 @@ def stylize(
             opt_time += time.perf_counter() - t0
             step += 1
             done_pixel_steps += w * h
-            total = losses["total"]
-            if total < best * (1 - s.early_stop):
-                best, best_at = total, it
+            if losses["total"] < best * (1 - s.early_stop):
+                best, best_at = losses["total"], it
             stop_early = s.early_stop > 0 and it - best_at >= s.patience
+            if stop_early:  # the rest of this scale's budget is skipped: report it as done
+                total_steps -= iters - it
             if on_progress is not None:
                 remaining = sum(pixel_steps[scale_i + 1 :]) + (iters - it) * w * h
                 eta = opt_time / done_pixel_steps * remaining if step >= 2 else None
                 preview = None
-                if s.preview_every and (step % s.preview_every == 0):
-                    current = _current(image, average, avg_weight)
-                    preview = _preview(current, photo_t_full if luminance_mode else None)
+                if s.preview_every and step % s.preview_every == 0:
+                    preview = _preview(
+                        _current(image, average), photo_t_full if luminance_mode else None
+                    )
                 on_progress(
                     Progress(
-                        step=step,
-                        total_steps=total_steps,
-                        scale=scale_i + 1,
-                        scales=len(sizes),
-                        iteration=it,
-                        iterations=iters,
-                        width=w,
-                        height=h,
-                        losses=dict(losses),
-                        elapsed=time.perf_counter() - started,
-                        eta=eta,
-                        preview=preview,
+                        step=step, total_steps=total_steps, scale=scale_i + 1, scales=len(sizes),
+                        iteration=it, iterations=iters, width=w, height=h, losses=dict(losses),
+                        elapsed=time.perf_counter() - started, eta=eta, preview=preview,
                     )
-                )
+                )  # fmt: skip
             if stop_early:
-                # The rest of this scale's budget is skipped; report it as done.
-                total_steps -= iters - it
                 break
-        steps_run.append(it if iters else 0)
-        image = _current(image, average, avg_weight).detach()
+        steps_run.append(it)
+        image = _current(image, average).detach()
 
     assert image is not None
     out = colour.with_chroma_of(image, photo_t_full) if luminance_mode else image.clamp(0, 1)
@@ -540,12 +525,20 @@ def stylize(
     return Result(image=result_img, settings=s, metadata=metadata)
 
 
-def _current(image: torch.Tensor, average: torch.Tensor | None, avg_weight: float) -> torch.Tensor:
+def _optimizer(
+    s: Settings, image: torch.Tensor
+) -> tuple[torch.optim.Optimizer, torch.Tensor | None]:
+    """The optimiser for one scale, and Adam's iterate average (None for L-BFGS)."""
+    if s.optimizer == "lbfgs":
+        # One function evaluation per step, history 10 [crowsonkb]; lr 1 is L-BFGS's own.
+        return torch.optim.LBFGS([image], lr=1, max_iter=1, history_size=s.lbfgs_history), None
+    # The average starts at the first iterate, a meaningful image, so it needs no bias correction.
+    return torch.optim.Adam([image], lr=s.learning_rate), image.detach().clone()
+
+
+def _current(image: torch.Tensor, average: torch.Tensor | None) -> torch.Tensor:
     """The image to show or carry on: Adam's averaged iterate, L-BFGS's own iterate."""
-    if average is None or avg_weight == 0.0:
-        return image.detach().clamp(0, 1)
-    # The EMA starts from the first iterate (weight 1 - avg_weight) so it is already unbiased.
-    return average.clamp(0, 1)
+    return (image if average is None else average).detach().clamp(0, 1)
 
 
 def _preview(t: torch.Tensor, photo: torch.Tensor | None) -> Image.Image:

@@ -51,7 +51,8 @@ class Settings:
     iterations: int = QUALITY_ITERATIONS["standard"]
     """Optimiser steps at each scale after the first (compute budget, see QUALITY_ITERATIONS)."""
     initial_iterations: int | None = None
-    """Steps at the first (coarsest) scale; None = 2 x iterations [crowsonkb: 1000 vs 500]."""
+    """Steps at the first (coarsest) scale; None = 2 x iterations [crowsonkb: 1000 vs 500],
+    or just ``iterations`` when there is only one scale."""
     optimizer: Optimizer = "lbfgs"
     """[Gatys], [neural-style] default; one function evaluation per step [crowsonkb]."""
     learning_rate: float = 0.02

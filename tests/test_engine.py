@@ -1,0 +1,269 @@
+"""End to end through the real engine with a random-weight VGG19 checkpoint on tiny images."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from core import Cancelled, ImageError, SettingsError, WeightsError, stylize
+from core.backbones import random_state_dict
+from core.colour import rgb_to_ycbcr
+from core.engine import pyramid, to_tensor
+from core.settings import Settings
+from tests.conftest import image_bytes, make_image
+
+
+def test_objective_falls_substantially_and_output_has_the_requested_size(tiny_settings) -> None:
+    events = []
+    result = stylize(
+        make_image(64, 48, seed=1),
+        [make_image(64, 64, seed=2)],
+        tiny_settings(iterations=30, pyramid=False),
+        on_progress=events.append,
+    )
+    assert len(events) == 30
+    assert events[-1].losses["total"] < 0.7 * events[0].losses["total"]
+    assert result.image.size == (64, 48)
+    assert result.image.mode == "RGB"
+    assert result.metadata["random_weights"] is False
+    pyramid_run = stylize(
+        make_image(64, 48, seed=1), [make_image(64, 64, seed=2)], tiny_settings(iterations=1)
+    )
+    assert pyramid_run.metadata["scales"] == [[32, 24], [45, 34], [64, 48]]
+    assert pyramid_run.metadata["steps"] == [2, 1, 1]
+
+
+def test_progress_events_arrive_in_order(tiny_settings) -> None:
+    events = []
+    stylize(
+        make_image(64, 48),
+        [make_image(64, 64, seed=2)],
+        tiny_settings(iterations=4, preview_every=3),
+        on_progress=events.append,
+    )
+    assert [e.step for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].step == events[-1].total_steps == 8 + 4 + 4
+    assert [e.scale for e in events] == sorted(e.scale for e in events)
+    assert all(0 < e.percent <= 100 for e in events)
+    assert events[-1].percent == 100
+    assert all(e.eta is not None and e.eta >= 0 for e in events[1:])
+    previews = [e for e in events if e.preview is not None]
+    assert [e.step for e in previews] == [3, 6, 9, 12, 15]
+    assert max(previews[0].preview.size) <= 256
+
+
+def test_same_seed_same_result_on_cpu(tiny_settings) -> None:
+    s = tiny_settings(init="noise", seed=7, iterations=3)
+    a = stylize(make_image(), [make_image(seed=3)], s).image.tobytes()
+    b = stylize(make_image(), [make_image(seed=3)], s).image.tobytes()
+    c = stylize(make_image(), [make_image(seed=3)], s.replace(seed=8)).image.tobytes()
+    assert a == b
+    assert a != c
+
+
+def test_cancellation_stops_within_one_step(tiny_settings) -> None:
+    events = []
+    with pytest.raises(Cancelled):
+        stylize(
+            make_image(),
+            [make_image(seed=3)],
+            tiny_settings(iterations=50),
+            on_progress=events.append,
+            should_stop=lambda: len(events) >= 3,
+        )
+    assert len(events) == 3
+
+
+def test_alpha_is_kept_and_put_back(tiny_settings) -> None:
+    content = make_image(64, 48, mode="RGBA")
+    result = stylize(content, [make_image(seed=3)], tiny_settings(iterations=2))
+    assert result.image.mode == "RGBA"
+    assert result.image.getchannel("A").tobytes() == content.getchannel("A").tobytes()
+
+
+def test_inputs_from_path_bytes_and_pil(tmp_path: Path, tiny_settings) -> None:
+    path = tmp_path / "c.jpg"
+    path.write_bytes(image_bytes("JPEG", width=80, height=40))
+    result = stylize(str(path), [(image_bytes(seed=4), 1.0)], tiny_settings(size=48, iterations=2))
+    assert result.image.size == (48, 24)
+
+
+@pytest.mark.parametrize("blend", ["gram", "loss"])
+def test_two_styles_with_blend_weights(tiny_settings, blend: str) -> None:
+    s = tiny_settings(style_blend=blend, iterations=3)
+    red = Image.new("RGB", (48, 48), (220, 30, 30))
+    red.paste(make_image(24, 24, seed=9), (0, 0))
+    one = stylize(make_image(), [(red, 3.0), (make_image(seed=5), 1.0)], s).image
+    other = stylize(make_image(), [(red, 1.0), (make_image(seed=5), 3.0)], s).image
+    assert one.tobytes() != other.tobytes()
+
+
+def test_strength_moves_the_balance_towards_style(tiny_settings) -> None:
+    def content_loss(strength: float) -> float:
+        events = []
+        stylize(
+            make_image(),
+            [make_image(seed=5)],
+            tiny_settings(strength=strength, iterations=3),
+            on_progress=events.append,
+        )
+        return events[-1].losses["content"]
+
+    assert Settings(strength=0.0).effective_content_weight == pytest.approx(0.15)
+    assert Settings(strength=1.0).effective_content_weight == pytest.approx(0.0015)
+    assert content_loss(1.0) < content_loss(0.0)
+
+
+def test_luminance_mode_keeps_the_photo_colours(tiny_settings) -> None:
+    content = make_image(64, 48, seed=1)
+    result = stylize(
+        content,
+        [make_image(seed=6)],
+        tiny_settings(preserve_colors="luminance", iterations=3, pyramid=False),
+    )
+    out = rgb_to_ycbcr(to_tensor(result.image, torch.device("cpu")))
+    ref = rgb_to_ycbcr(to_tensor(content, torch.device("cpu")))
+    chroma_error = (out[:, 1:] - ref[:, 1:]).abs().mean().item()
+    luma_change = (out[:, :1] - ref[:, :1]).abs().mean().item()
+    assert chroma_error < 0.02  # 8-bit rounding and clamping only
+    assert luma_change > chroma_error
+
+
+def test_stats_mode_and_other_inits_run(tiny_settings, tmp_path: Path) -> None:
+    init = tmp_path / "init.png"
+    make_image(30, 20, seed=11).save(init)
+    for s in (
+        tiny_settings(preserve_colors="stats", iterations=2),
+        tiny_settings(init="image", init_image=str(init), iterations=2),
+        tiny_settings(optimizer="adam", iterations=3),
+    ):
+        assert stylize(make_image(), [make_image(seed=3)], s).image.size == (64, 48)
+
+
+def test_style_targets_are_cached_between_runs(tiny_settings) -> None:
+    style = make_image(64, 64, seed=21)
+    s = tiny_settings(iterations=1)
+    stylize(make_image(), [style], s)
+    again = stylize(make_image(seed=2), [style], s)
+    assert again.metadata["style_cache_hits"] == len(again.metadata["scales"])
+
+
+def test_early_stop_ends_a_scale_when_the_loss_stalls(tiny_settings) -> None:
+    events = []
+    # A content-only objective from the content itself is already at its minimum.
+    s = tiny_settings(
+        iterations=40, style_weight=0.0, tv_weight=0.0, early_stop=0.01, patience=3, pyramid=False
+    )
+    stylize(make_image(), [make_image(seed=3)], s, on_progress=events.append)
+    assert len(events) < 40
+    assert events[-1].step == events[-1].total_steps
+
+
+def test_random_backbone_is_marked_in_the_metadata() -> None:
+    s = Settings(backbone="random", size=32, min_size=32, iterations=1, device="cpu")
+    result = stylize(make_image(32, 32), [make_image(seed=3)], s)
+    assert result.metadata["random_weights"] is True
+    assert result.metadata["weights"] == "random"
+
+
+def test_squeezenet_and_caffe_checkpoints_load_through_the_same_path(
+    tmp_path: Path, vgg19_checkpoint
+) -> None:
+    squeeze = tmp_path / "squeezenet1_1-random.pth"
+    torch.save(random_state_dict("squeezenet", seed=3), squeeze)
+    s = Settings(
+        backbone="squeezenet",
+        weights=str(squeeze),
+        size=64,
+        min_size=48,
+        iterations=2,
+        device="cpu",
+    )
+    assert stylize(make_image(), [make_image(seed=3)], s).image.size == (64, 48)
+    caffe = s.replace(backbone="vgg19-caffe", weights=str(vgg19_checkpoint))
+    assert stylize(make_image(), [make_image(seed=3)], caffe).metadata["backbone"] == "vgg19-caffe"
+
+
+def test_a_checkpoint_of_the_wrong_network_fails_clearly(tmp_path: Path) -> None:
+    wrong = tmp_path / "wrong.pth"
+    torch.save(random_state_dict("squeezenet"), wrong)
+    s = Settings(
+        backbone="vgg19", weights=str(wrong), size=32, min_size=32, iterations=1, device="cpu"
+    )
+    with pytest.raises(WeightsError, match="not a vgg19 checkpoint"):
+        stylize(make_image(), [make_image(seed=3)], s)
+
+
+def test_missing_weights_never_fall_back_to_random(tmp_path: Path) -> None:
+    s = Settings(backbone="vgg19", weights=str(tmp_path / "nope.pth"), size=32, device="cpu")
+    with pytest.raises(WeightsError):
+        stylize(make_image(), [make_image(seed=3)], s)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image", image_bytes()[:200]])
+def test_bad_images_raise_image_error(tiny_settings, data: bytes) -> None:
+    with pytest.raises(ImageError):
+        stylize(data, [make_image()], tiny_settings())
+    with pytest.raises(ImageError):
+        stylize(make_image(), [data], tiny_settings())
+
+
+def test_an_image_too_thin_for_the_network_is_refused(tiny_settings) -> None:
+    with pytest.raises(ImageError, match="too thin"):
+        stylize(make_image(400, 20), [make_image()], tiny_settings(size=64))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"size": 5}, "size must be between"),
+        ({"optimizer": "sgd"}, "optimizer must be one of"),
+        ({"strength": 1.5}, "strength must be between"),
+        ({"init": "image"}, "needs init_image"),
+        ({"style_layer_weights": (1.0,)}, "one weight per style layer"),
+        ({"content_weight": float("nan")}, "finite"),
+    ],
+)
+def test_bad_settings_raise_settings_error(changes: dict, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings(
+            **{"style_layers": ("relu1_1", "relu2_1")} if "style_layer_weights" in changes else {},
+            **changes,
+        )
+
+
+def test_unknown_layers_and_empty_styles_are_settings_errors(tiny_settings) -> None:
+    with pytest.raises(SettingsError, match="no layer"):
+        stylize(make_image(), [make_image()], tiny_settings(content_layers=("relu9_9",)))
+    with pytest.raises(SettingsError, match="at least one style"):
+        stylize(make_image(), [], tiny_settings())
+    with pytest.raises(SettingsError, match="positive"):
+        stylize(make_image(), [(make_image(), -1.0)], tiny_settings())
+
+
+def test_settings_round_trip_through_dicts_and_reject_unknown_keys() -> None:
+    s = Settings(style_layers=("relu1_1", "relu2_1"), strength=0.7)
+    assert Settings.from_dict(s.to_dict()) == s
+    with pytest.raises(SettingsError, match="Unknown setting"):
+        Settings.from_dict({"sizee": 3})
+
+
+def test_pyramid_scales_grow_by_sqrt2_up_to_the_size() -> None:
+    assert pyramid(128, 512, True) == [128, 181, 256, 362, 512]
+    assert pyramid(128, 512, False) == [512]
+    assert pyramid(600, 512, True) == [512]
+
+
+def test_png_output_records_settings(tiny_settings, tmp_path: Path) -> None:
+    from core.images import read_metadata, save_image
+
+    result = stylize(make_image(), [make_image(seed=3)], tiny_settings(iterations=1))
+    out = tmp_path / "out.png"
+    save_image(result.image, out, metadata=result.metadata)
+    meta = read_metadata(out)
+    assert meta["settings"]["size"] == 64
+    assert Image.open(io.BytesIO(out.read_bytes())).size == (64, 48)
