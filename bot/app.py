@@ -95,7 +95,12 @@ class PasticheBot(commands.Bot):
         )
 
     async def close(self) -> None:
+        """Stop the runner first, so every open status message can still say the job was
+        cancelled by the shutdown, then disconnect."""
         try:
-            await super().close()
-        finally:
             await self.runner.close()
+            cog = self.get_cog("Pastiche")
+            if isinstance(cog, PasticheCog):
+                await cog.drain(timeout=10.0)
+        finally:
+            await super().close()

@@ -92,6 +92,25 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         for task in list(self._tasks):
             task.cancel()
 
+    async def drain(self, timeout: float) -> None:
+        """Wait (a while) for the followers to post their last status edits."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def cog_app_command_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError
+    ) -> None:
+        """Anything a command did not handle itself: log it, tell the user, carry on."""
+        name = interaction.command.name if interaction.command else "?"
+        log.error("/%s failed", name, exc_info=error)
+        try:
+            if interaction.response.is_done():
+                await interaction.followup.send(CRASH, ephemeral=True)
+            else:
+                await interaction.response.send_message(CRASH, ephemeral=True)
+        except discord.DiscordException as exc:
+            log.warning("Could not report the failure of /%s: %s", name, exc)
+
     # ---- slash commands ------------------------------------------------------------------
     @app_commands.command(name="stylize", description="Paint a photo in the style of an image.")
     @app_commands.describe(

@@ -88,6 +88,8 @@ class ThrottledEditor:
                 await self._edit(**kwargs)
             except discord.DiscordException as exc:  # a lost edit must not stop the job
                 log.warning("Could not edit a status message: %s", exc)
+            except Exception:
+                log.exception("Unexpected error while editing a status message")
 
 
 @dataclass

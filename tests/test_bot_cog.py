@@ -189,6 +189,15 @@ async def settle(cog: PasticheCog) -> None:
         await asyncio.wait_for(asyncio.gather(*list(cog._tasks)), WAIT)
 
 
+async def eventually(condition, timeout: float = 30.0) -> None:
+    """Poll ``condition`` (events reach the follower task asynchronously)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not condition():
+        assert loop.time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
 async def until(job, kind) -> None:
     async for event in job.events():
         if isinstance(event, kind):
@@ -342,8 +351,7 @@ async def test_limits_full_queue_queue_command_and_cancel_while_queued(
     # Cancel Alice's queued job: Bob moves up to "next".
     await press_cancel(status_message(second), alice, runner)
     bob_status = status_message(from_bob)
-    await asyncio.sleep(0.2)
-    assert "You are next" in last_embed(bob_status).description
+    await eventually(lambda: "You are next" in last_embed(bob_status).description)
     for job in runner.jobs_of(str(alice.id)) + runner.jobs_of(str(bob.id)):
         await job.cancel()
     await settle(cog)
@@ -561,3 +569,34 @@ async def test_setup_hook_wires_cog_commands_button_and_guild_sync(runner, prese
     assert bot.tree.sync.await_args.kwargs["guild"].id == 123
     assert CancelButton in bot._connection._view_store._dynamic_items.values()
     assert CRASH.endswith(".")
+
+
+async def test_unhandled_command_errors_are_reported(make_cog, caplog) -> None:
+    cog = make_cog()
+    inter = FakeInteraction()
+    inter.command = SimpleNamespace(name="styles")
+    inter.response.is_done = MagicMock(return_value=True)
+    error = discord.app_commands.CommandInvokeError(cog.styles, RuntimeError("disk gone"))
+    await cog.cog_app_command_error(inter, error)
+    (answer,) = inter.followup_sender.messages
+    assert answer.content == CRASH and answer.kwargs["ephemeral"] is True
+    assert "/styles failed" in caplog.text and "disk gone" in caplog.text
+
+
+@pytest.mark.slow
+async def test_shutdown_tells_users_their_jobs_were_cancelled(presets, tiny_settings) -> None:
+    own = Runner(RunnerConfig(engine="tests.fake_engines:paint", stop_grace=2.0))
+    limits = Limits(cooldown=0.0, status_interval=0.0)
+    bot = PasticheBot(BotConfig(limits=limits), presets, runner=own,
+                      base_settings=tiny_settings(iterations=100_000))  # fmt: skip
+    bot.tree.sync = AsyncMock(return_value=[])
+    await bot.setup_hook()
+    cog = bot.get_cog("Pastiche")
+    inter = FakeInteraction()
+    await stylize(cog, inter, photo=photo_and_style(inter.log)[0], preset="waves")
+    (job,) = own.jobs_of(str(inter.user.id))
+    await asyncio.wait_for(until(job, ProgressUpdate), WAIT)
+    await asyncio.wait_for(bot.close(), WAIT)
+    final = status_message(inter).edits[-1]
+    assert final["embed"].title == "Cancelled" and "shut down" in final["embed"].description
+    assert final["view"] is None and not cog._tasks
