@@ -286,21 +286,29 @@ async def test_client_reports_the_helpers_messages(tmp_path: Path, presets_dir: 
             await asyncio.to_thread(client.submit, b"nope", style=image_bytes(), style_name="x")
         with pytest.raises(pc.HelperError, match="token"):
             await asyncio.to_thread(pc.HelperClient(url, "bad").health)
-        # connect() finds it through the discovery file and ignores a dead URL before it.
+        # connect() finds it through the discovery file, unless a URL is given explicitly.
         disc = tmp_path / "helper.json"
         helper_files.write_discovery(disc, {"url": url, "token": TOKEN, "pid": 1})
-        env = {pc.URL_ENV: "http://127.0.0.1:9", pc.TOKEN_ENV: "x"}
-        found = await asyncio.to_thread(
-            pc.connect, config={"discovery_file": str(disc)}, environ=env
-        )
+        config = {"discovery_file": str(disc), "helper_command": ["/nonexistent/python"]}
+        found = await asyncio.to_thread(pc.connect, config=config, environ={})
         assert found.url == url and found.token == TOKEN
+        env = {pc.URL_ENV: "http://127.0.0.1:9", pc.TOKEN_ENV: "x"}
+        with pytest.raises(
+            pc.HelperError, match=r"127\.0\.0\.1:9 .*comes from \$PASTICHE_HELPER_URL"
+        ):
+            await asyncio.to_thread(pc.connect, config=config, environ=env)
+        config["discovery_file"] = str(tmp_path / "absent.json")
+        with pytest.raises(pc.HelperError, match="Cannot start the Pastiche helper"):
+            await asyncio.to_thread(pc.connect, config=config, environ={})
 
 
 def test_connect_without_helper_explains(tmp_path: Path) -> None:
     config = {"discovery_file": str(tmp_path / "none.json")}
-    with pytest.raises(pc.HelperError, match="pastiche helper") as err:
+    with pytest.raises(pc.HelperError, match="helper-url argument") as err:
         pc.connect(url="http://127.0.0.1:9", token="t", config=config, environ={})
-    assert "127.0.0.1:9" in str(err.value)
+    assert "Cannot reach the Pastiche helper at http://127.0.0.1:9" in str(err.value)
+    with pytest.raises(pc.HelperError, match="not running. Start it with `pastiche helper`"):
+        pc.connect(config=config, environ={})
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
     with pytest.raises(pc.HelperError, match="pastiche gimp install"):

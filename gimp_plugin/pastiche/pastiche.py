@@ -27,9 +27,10 @@ PROC_NAME = "plug-in-pastiche"
 DIALOG_ARGS = ["style-file", "preset", "strength", "size", "quality", "preserve-colors"]
 
 
-def _fail(procedure, message: str, status=Gimp.PDBStatusType.EXECUTION_ERROR):
-    Gimp.message(message)
-    return procedure.new_return_values(status, GLib.Error(message))
+def _fail(procedure, message: str):
+    # GIMP shows a returned error itself ("Execution error for 'Pastiche…'") when the user
+    # ran the filter, and hands it to the caller otherwise; a Gimp.message would repeat it.
+    return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(message))
 
 
 def _export_region(image, drawable, folder: str):

@@ -134,8 +134,7 @@ class HelperClient:
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise HelperError(
-                f"Cannot reach the Pastiche helper at {self.url} ({reason}). "
-                "Start it with `pastiche helper`."
+                f"Cannot reach the Pastiche helper at {self.url} ({reason})."
             ) from None
 
     def json(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
@@ -208,21 +207,20 @@ def candidates(
     config: dict[str, Any] | None = None,
     environ: dict[str, str] | None = None,
 ) -> list[tuple[str, str, str]]:
-    """(url, token, where it came from) to try, most explicit first."""
+    """(url, token, where it came from) to try. An explicit URL (arguments, then environment,
+    then config.json) is used alone; otherwise the discovery file names the running helper."""
     env = os.environ if environ is None else environ
     config = config or {}
-    found: list[tuple[str, str, str]] = []
     if url:
-        found.append((url, token or env.get(TOKEN_ENV, "") or config.get("token", ""), "arguments"))
+        tok = token or env.get(TOKEN_ENV, "") or config.get("token", "")
+        return [(url, tok, "the helper-url argument")]
     if env.get(URL_ENV):
-        found.append((env[URL_ENV], env.get(TOKEN_ENV, ""), f"${URL_ENV}"))
+        return [(env[URL_ENV], env.get(TOKEN_ENV, ""), f"${URL_ENV}")]
     if config.get("helper_url"):
-        found.append((config["helper_url"], config.get("token", ""), "config.json"))
+        return [(config["helper_url"], config.get("token", ""), f"helper_url in {CONFIG_NAME}")]
     disc = discovery_file(config, env)
     data = read_discovery(disc)
-    if data:
-        found.append((str(data["url"]), str(data["token"]), str(disc)))
-    return found
+    return [(str(data["url"]), str(data["token"]), str(disc))] if data else []
 
 
 def discovery_file(config: dict[str, Any], environ: dict[str, str] | None = None) -> Path:
@@ -239,22 +237,26 @@ def connect(
     on_wait: Progress | None = None,
 ) -> HelperClient:
     """A client for a helper that answers /health, starting one if configured to."""
+    env = os.environ if environ is None else environ
     config = config or {}
-    tried: list[str] = []
-    for cand_url, cand_token, origin in candidates(url, token, config, environ):
+    problem = where = ""
+    for cand_url, cand_token, origin in candidates(url, token, config, env):
         client = HelperClient(cand_url, cand_token)
         try:
             client.health(timeout=5)
             return client
         except HelperError as exc:
-            tried.append(f"{cand_url} (from {origin}): {exc}")
-    command = config.get("helper_command")
-    if command:
-        return start_helper(config, environ, on_wait=on_wait)
-    detail = " Tried " + "; ".join(tried) if tried else ""
+            problem, where = str(exc), origin
+    if url or env.get(URL_ENV) or config.get("helper_url"):
+        raise HelperError(
+            f"{problem} That address comes from {where}; correct it, or leave it empty so the "
+            "plug-in finds the helper by itself."
+        )
+    if config.get("helper_command"):
+        return start_helper(config, env, on_wait=on_wait)
     raise HelperError(
-        "The Pastiche helper is not running. Start it with `pastiche helper`, or run "
-        "`pastiche gimp install` so the plug-in can start it by itself." + detail
+        "The Pastiche helper is not running. Start it with `pastiche helper` (or run "
+        "`pastiche gimp install` so that GIMP can start it by itself)."
     )
 
 

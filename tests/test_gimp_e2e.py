@@ -1,0 +1,255 @@
+"""The plug-in in a real GIMP 3: installed by our installer into a Debian trixie chroot (built by
+``.ci/gimp-chroot.sh``), called NONINTERACTIVE from ``gimp-console-3.0`` in batch mode, and
+served by a real helper on the host's loopback (the chroot shares it) with a random-weight
+checkpoint. The batch script reports what it saw and exports the new layers; the host checks
+them. Skipped, with the reason, where the chroot or root is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageChops
+
+from .conftest import make_image
+
+CHROOT = Path(os.environ.get("PASTICHE_GIMP_CHROOT", "/var/tmp/pastiche-gimp-chroot"))
+GIMP = "gimp-console-3.0"
+ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.slow
+
+
+def _why_not() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "the GIMP chroot test runs on Linux only"
+    if not (CHROOT / "usr" / "bin" / GIMP).exists():
+        return f"no GIMP chroot at {CHROOT} (build it with .ci/gimp-chroot.sh)"
+    if os.geteuid() != 0:
+        return "entering the GIMP chroot needs root"
+    return None
+
+
+# Runs inside GIMP (python-fu-eval). Paths are inside the chroot; WORK is filled in below.
+BATCH = r"""
+import json, traceback
+from gi.repository import Gimp, Gio
+
+WORK = "@WORK@"
+NONINTERACTIVE = Gimp.RunMode.NONINTERACTIVE
+report = {"runs": {}}
+
+
+def export(layer, name):
+    img = Gimp.Image.new(layer.get_width(), layer.get_height(), Gimp.ImageBaseType.RGB)
+    copy = Gimp.Layer.new_from_drawable(layer, img)
+    img.insert_layer(copy, None, 0)
+    copy.set_offsets(0, 0)
+    Gimp.file_save(NONINTERACTIVE, img, Gio.File.new_for_path(WORK + "/" + name), None)
+    img.delete()
+
+
+def above(image, layer):
+    layers = image.get_layers()
+    return layers[layers.index(layer) - 1]
+
+
+def describe(layer):
+    _, x, y = layer.get_offsets()
+    return {"name": layer.get_name(), "size": [layer.get_width(), layer.get_height()],
+            "offsets": [x, y]}
+
+
+def call(image, layer, **args):
+    proc = Gimp.get_pdb().lookup_procedure("plug-in-pastiche")
+    config = proc.create_config()
+    config.set_property("run-mode", NONINTERACTIVE)
+    config.set_property("image", image)
+    config.set_core_object_array("drawables", [layer])
+    for key, value in args.items():
+        config.set_property(key, value)
+    result = proc.run(config)
+    status = result.index(0)
+    out = {"status": status.value_nick, "layers": [describe(l) for l in image.get_layers()]}
+    if status != Gimp.PDBStatusType.SUCCESS:
+        error = result.index(1)
+        out["error"] = getattr(error, "message", None) or str(error)
+    return out
+
+
+try:
+    report["registered"] = Gimp.get_pdb().lookup_procedure("plug-in-pastiche") is not None
+    image = Gimp.Image.new(96, 72, Gimp.ImageBaseType.RGB)
+    source = Gimp.file_load_layer(NONINTERACTIVE, image, Gio.File.new_for_path(WORK + "/photo.png"))
+    source.set_name("photo")
+    image.insert_layer(source, None, 0)
+    source.set_offsets(8, 6)
+    style = Gio.File.new_for_path(WORK + "/starry_night.png")
+    common = dict(strength=0.9, size=48, quality="draft")
+
+    run = call(image, source, **{"style-file": style}, **common)
+    report["runs"]["whole"] = run
+    if run["status"] == "success":
+        export(above(image, source), "whole.png")
+
+    image.select_rectangle(Gimp.ChannelOps.REPLACE, 20, 16, 32, 24)
+    run = call(image, source, **{"style-file": style}, **common)
+    report["runs"]["selection"] = run
+    if run["status"] == "success":
+        export(above(image, source), "selection.png")
+    Gimp.Selection.none(image)
+    export(source, "source.png")
+
+    report["runs"]["no_style"] = call(image, source, **common)
+    report["runs"]["bad_preset"] = call(image, source, preset="nonesuch", **common)
+    report["runs"]["no_helper"] = call(image, source, **{"style-file": style,
+        "helper-url": "http://127.0.0.1:9", "helper-token": "x"}, **common)
+    image.delete()
+except Exception:
+    report["exception"] = traceback.format_exc()
+with open(WORK + "/report.json", "w") as fh:
+    json.dump(report, fh)
+"""
+
+
+@pytest.fixture
+def chroot_work(vgg19_checkpoint: Path) -> Iterator[tuple[Path, str]]:
+    """Plug-in installed into the chroot, helper running on the host, a work folder."""
+    reason = _why_not()
+    if reason:
+        pytest.skip(reason)
+    inside = f"/tmp/pastiche-e2e-{uuid.uuid4().hex[:8]}"
+    work = CHROOT / inside.lstrip("/")
+    work.mkdir(parents=True)
+    plugins = CHROOT / "root/.config/GIMP/3.0/plug-ins"
+    disc_inside = f"{inside}/helper.json"
+    install = [
+        sys.executable,
+        "-m",
+        "core",
+        "gimp",
+        "install",
+        "--dest",
+        str(plugins),
+        "--no-autostart",
+        "--discovery-file",
+        disc_inside,
+    ]
+    subprocess.run(install, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    helper = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "core",
+            "helper",
+            "--discovery-file",
+            str(work / "helper.json"),
+            "--weights",
+            str(vgg19_checkpoint),
+            "--device",
+            "cpu",
+            "--idle-exit",
+            "600",
+            "--log-file",
+            str(work / "helper.log"),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(1200):
+            if (work / "helper.json").exists() or helper.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (work / "helper.json").exists(), (
+            helper.stderr.read().decode() if helper.poll() else ""
+        )
+        yield work, inside
+    finally:
+        helper.send_signal(signal.SIGTERM)
+        try:
+            helper.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            helper.kill()
+            helper.wait()
+        subprocess.run([*install[:7], "--uninstall"], cwd=ROOT, capture_output=True, timeout=120)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run_gimp(inside: str) -> subprocess.CompletedProcess[str]:
+    command = [
+        "chroot",
+        str(CHROOT),
+        "/usr/bin/env",
+        "-i",
+        "HOME=/root",
+        "PATH=/usr/bin:/bin",
+        "LANG=C.UTF-8",
+        GIMP,
+        "-i",
+        "--quit",
+        "--batch-interpreter=python-fu-eval",
+        "-b",
+        f"exec(open('{inside}/batch.py').read())",
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=500)
+
+
+def test_plugin_paints_a_new_layer_in_real_gimp(chroot_work: tuple[Path, str]) -> None:
+    work, inside = chroot_work
+    make_image(64, 48, seed=21).save(work / "photo.png")
+    make_image(40, 40, seed=22).save(work / "starry_night.png")
+    (work / "batch.py").write_text(BATCH.replace("@WORK@", inside), encoding="utf-8")
+
+    proc = _run_gimp(inside)
+    log = f"GIMP output:\n{proc.stdout}\n{proc.stderr}"
+    assert (work / "report.json").exists(), log
+    report = json.loads((work / "report.json").read_text())
+    assert "exception" not in report, report["exception"] + log
+    assert report["registered"], log
+    runs = report["runs"]
+
+    whole = runs["whole"]
+    assert whole["status"] == "success", f"{whole}\n{log}"
+    top, photo = whole["layers"][:2]
+    assert top == {"name": "Pastiche: starry_night", "size": [64, 48], "offsets": [8, 6]}
+    assert photo["name"] == "photo" and len(whole["layers"]) == 2
+
+    part = runs["selection"]
+    assert part["status"] == "success", f"{part}\n{log}"
+    # The new layer goes right above the source, below the first run's layer.
+    assert part["layers"][0] == top
+    new = part["layers"][1]
+    assert new["name"] == "Pastiche: starry_night #1"  # GIMP keeps layer names unique
+    assert (new["size"], new["offsets"]) == ([32, 24], [20, 16])
+    assert part["layers"][2]["name"] == "photo"
+
+    source = Image.open(work / "source.png").convert("RGB")
+    painted = Image.open(work / "whole.png").convert("RGB")
+    assert painted.size == source.size == (64, 48)
+    diff = ImageChops.difference(painted, source)
+    assert max(high for _, high in diff.getextrema()) > 30, "the new layer is the photo unchanged"
+    crop = Image.open(work / "selection.png").convert("RGB")
+    assert crop.size == (32, 24)
+    assert ImageChops.difference(crop, source.crop((12, 10, 44, 34))).getbbox() is not None
+
+    for name, expected in (
+        ("no_style", "Choose a style image"),
+        ("bad_preset", "no style preset called 'nonesuch'"),
+        ("no_helper", "Cannot reach the Pastiche helper at http://127.0.0.1:9 ("),
+    ):
+        run = runs[name]
+        assert run["status"] == "execution-error", f"{name}: {run}"
+        assert expected in run["error"], f"{name}: {run}"
+        assert len(run["layers"]) == 3, f"{name} added a layer: {run}"
