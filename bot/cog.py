@@ -117,7 +117,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         photo="The photo to paint (PNG, JPEG or WebP).",
         style="A painting whose style to copy.",
         preset="Or one of the bot's style presets (see /styles).",
-        strength="0 = stay close to the photo, 1 = mostly style (default 0.5).",
+        strength="0 = close to the photo, 1 = mostly style; default: the preset's, else 0.5.",
         size="Long side of the result in pixels.",
         preserve_colours="Keep the photo's colours: luminance or stats (colour matching).",
     )
@@ -306,8 +306,8 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         view = cancel_view(job.id, user_id)
         try:
             await origin.post_status(**self._state(status, view, origin.user.mention))
-        except (discord.HTTPException, discord.ClientException) as exc:
-            log.warning("job %s: could not post its status message: %s", job.id, exc)
+        except Exception as exc:  # the job still runs and is still delivered
+            log.warning("job %s: could not post its status message: %r", job.id, exc)
         task = asyncio.create_task(self._follow(job, origin, status, view, settings))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -316,7 +316,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
     async def _tell(self, origin: Origin, text: str) -> None:
         try:
             await origin.tell(text)
-        except (discord.HTTPException, discord.ClientException) as exc:
+        except discord.DiscordException as exc:
             log.warning("Could not tell %s: %r (%s)", origin.user.id, text, exc)
 
     def _check_cooldown(self, user_id: int) -> None:

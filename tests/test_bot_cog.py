@@ -600,3 +600,24 @@ async def test_shutdown_tells_users_their_jobs_were_cancelled(presets, tiny_sett
     final = status_message(inter).edits[-1]
     assert final["embed"].title == "Cancelled" and "shut down" in final["embed"].description
     assert final["view"] is None and not cog._tasks
+
+
+@pytest.mark.parametrize("limit", [25 * MiB, 10])
+async def test_delivery_failures_are_reported_not_raised(make_cog, tiny_settings, limit, caplog):
+    from bot.status import JobStatus
+    from core.jobs import Done
+
+    cog = make_cog()
+    inter = FakeInteraction(limit=limit, followup_fails=http_error(413))
+    inter.channel_sender.fail = http_error(403)  # and the channel refuses too
+    png = image_bytes(width=64, height=48)
+    status = JobStatus(job_id="j1", label="waves", state="running")
+    done = Done("j1", png, {}, 64, 48)
+    await cog._deliver(SimpleNamespace(id="j1"), done, InteractionOrigin(inter), status,
+                       tiny_settings(), 1.0)  # fmt: skip
+    assert status.state == "failed" and status.message.endswith(".")
+    if limit == 10:
+        assert "too large to upload" in status.message and not inter.log
+    else:
+        assert "could not upload it to Discord" in status.message
+        assert inter.log == ["followup", "channel"] and "could not upload" in caplog.text
