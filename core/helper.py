@@ -173,9 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     discovery = (args.discovery_file or default_discovery_file()).expanduser()
     try:
         asyncio.run(serve(options, host=args.host, port=args.port, discovery_file=discovery))
-    except OSError as exc:
-        log.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
-        print(f"Cannot listen on {args.host}:{args.port}: {exc.strerror or exc}.", file=sys.stderr)
+    except OSError as exc:  # port taken, discovery folder not writable, ...
+        where = exc.filename or f"{args.host}:{args.port}"
+        log.error("could not start: %s", exc)
+        print(
+            f"The Pastiche helper could not start ({where}): {exc.strerror or exc}.",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         pass
