@@ -1,0 +1,90 @@
+"""Smoke tests of the benchmark's machinery (tiny sizes, no timing assertions)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench, workers
+from benchmarks.baseline import LossWeights, build, network, prepare
+from core import backbones, engine
+from core.settings import Settings
+from tests.conftest import make_image
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "--sizes", "32,48", "--lever-size", "48", "--warmup", "1", "--timed", "2", "--rounds", "1",
+    "--ref-size", "48", "--ref-iterations", "3", "--cap", "3", "--default-size", "32",
+    "--cache-iterations", "1",
+]  # fmt: skip
+
+
+def test_baseline_computes_the_engines_objective() -> None:
+    """Same weights, images and start: the baseline's loss equals the engine's first loss."""
+    content, style = make_image(64, 48, seed=1), make_image(40, 40, seed=2)
+    settings = Settings(backbone="random", device="cpu", size=48, pyramid=False, iterations=1,
+                        initial_iterations=1, early_stop=0.0, preview_every=0)  # fmt: skip
+    seen: list[float] = []
+    engine.stylize(content, [style], settings, on_progress=lambda p: seen.append(p.losses["total"]))
+    content_t, style_t = prepare(content, style, 48, settings)
+    cnn = network(backbones.random_state_dict("vgg19", workers.SEED))
+    sm = build(cnn, content_t, style_t, LossWeights.from_settings(settings))
+    sm.model(content_t)
+    assert float(sm.loss().detach()) == pytest.approx(seen[0], rel=1e-4)
+    # Tutorial structure: losses spliced in, model cut after the last one, weights trainable.
+    names = [name for name, _ in sm.model.named_children()]
+    assert names[-1] == "style_loss_relu5_1" and "content_loss_relu4_2" in names
+    assert all(p.requires_grad for p in sm.model.parameters())
+
+
+def test_arguments_are_checked() -> None:
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sizes", "256,x"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sizes", "256", "--lever-size", "512"])
+    _, plan = bench.parse_args(["--quick", "--timed", "4"])
+    assert plan.timed == 4 and plan.ref_size == bench.QUICK.ref_size
+
+
+def test_first_reach() -> None:
+    assert bench.first_reach([1.0, 2.0, 3.0], [5.0, 3.0, 2.0], 3.0) == 2.0
+    assert bench.first_reach([1.0], [5.0], 3.0) is None
+
+
+@pytest.mark.slow
+def test_bench_runs_end_to_end_in_process(capsys: pytest.CaptureFixture[str]) -> None:
+    """Every section runs and the ratios come last (workers in this process: no RSS meaning)."""
+    assert bench.main(TINY, worker=workers.measure) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("ratio time-to-objective @48: ")
+    assert lines[-2].startswith("ratio per-iteration @48: ") and lines[-2].endswith("x")
+    assert "ratio per-iteration @32: " in lines[-4]
+    text = "\n".join(lines)
+    for part in ("same objective check", "precision @48", "channels_last @48",
+                 "frozen weights (baseline) @48", "pyramid @48", "style-target cache @48",
+                 "Default-settings stylization @32"):  # fmt: skip
+        assert part in text
+
+
+@pytest.mark.slow
+def test_worker_process_reports_json(tmp_path: Path) -> None:
+    """The real path: a fresh process per variant answering one JSON line with its peak RSS."""
+    content, style = tmp_path / "c.png", tmp_path / "s.png"
+    make_image(48, 36, seed=1).save(content)
+    make_image(40, 40, seed=2).save(style)
+    spec = {"kind": "baseline", "label": "t", "content": str(content), "style": str(style),
+            "size": 32, "iterations": 2}  # fmt: skip
+    result = bench.run_worker(spec)
+    assert len(result["losses"]) == 2 and result["peak_rss_mb"] >= result["rss_import_mb"] > 0
+
+
+@pytest.mark.parametrize("entry", [["-m", "benchmarks.bench"], ["-m", "core", "bench"]])
+def test_entry_points_parse_arguments(entry: list[str]) -> None:
+    """``python -m benchmarks.bench`` and ``pastiche bench`` reach the same parser."""
+    out = subprocess.run(
+        [sys.executable, *entry, "--sizes", "x"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 2 and "--sizes takes whole numbers" in out.stderr
