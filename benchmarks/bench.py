@@ -182,7 +182,7 @@ class Bench:
     def measure(self, label: str, kind: str, **spec: Any) -> dict[str, Any]:
         spec = dict(spec, kind=kind, label=label, content=self.content, style=self.style)
         result = self.worker(spec)
-        stamp = f"[{time.perf_counter() - self.started:6.0f} s]"
+        stamp = f"[{time.perf_counter() - self.started:6.0f} s, load {load_average().split()[0]}]"
         self.say(f"{stamp} {label}: {self.describe(result)}")
         return result
 
