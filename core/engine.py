@@ -280,6 +280,35 @@ def style_grams(
     return grams, False
 
 
+# ---- memory -----------------------------------------------------------------------------
+def _glibc() -> Any:
+    """glibc's handle (Linux only; musl, macOS and Windows have no malloc_trim)."""
+    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim  # noqa: B018 - raises AttributeError where it is missing
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+_LIBC = _glibc()
+
+
+def release_memory() -> None:
+    """Give the freed heap pages of a finished pyramid scale back to the OS.
+
+    glibc keeps them, and the next, larger scale cannot reuse all of them: trimming at each
+    scale lowered the peak RSS of a default 512 px CPU run (random VGG19, 512x384 content) from
+    1203 MB to 1094 MB, one run each on the same machine. Costs one call a scale.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 # ---- the optimisation -----------------------------------------------------------------------
 def _split_styles(styles: Sequence[StyleInput]) -> list[tuple[ImageInput, float]]:
     if isinstance(styles, (str, bytes, Path, Image.Image)):
@@ -393,6 +422,7 @@ def stylize(
     steps_run: list[int] = []
 
     for scale_i, ((w, h), iters) in enumerate(zip(sizes, plan_iters, strict=True)):
+        release_memory()
         content_t = prep_content(to_tensor(resize(photo, (w, h)), device))
         with torch.no_grad():
             content_feats = fwd(content_t, plan.content)
