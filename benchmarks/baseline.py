@@ -206,11 +206,13 @@ def prepare(
 
 @dataclass
 class Run:
-    """Per step: its seconds, the loss it reported, and wall seconds since ``started``."""
+    """Per step: its seconds, the loss it reported, wall seconds since ``started`` and process
+    CPU seconds since ``cpu_started`` (all threads; less sensitive to other load than wall time)."""
 
     step_seconds: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     elapsed: list[float] = field(default_factory=list)
+    cpu: list[float] = field(default_factory=list)
     image: torch.Tensor | None = None
 
 
@@ -224,11 +226,13 @@ def run(
     settings: Settings | None = None,
     frozen: bool = False,
     started: float | None = None,
+    cpu_started: float | None = None,
     on_step: Callable[[int, float], None] | None = None,
 ) -> Run:
     """Optimise from the content image for ``iterations`` L-BFGS steps (the tutorial's loop)."""
     s = settings or Settings()
     started = time.perf_counter() if started is None else started
+    cpu_started = time.process_time() if cpu_started is None else cpu_started
     content_t, style_t = prepare(content, style, size, s)
     sm = build(cnn, content_t, style_t, LossWeights.from_settings(s), frozen=frozen)
     input_img = content_t.clone().requires_grad_(True)
@@ -249,6 +253,7 @@ def run(
         out.step_seconds.append(now - t0)
         out.losses.append(loss)
         out.elapsed.append(now - started)
+        out.cpu.append(time.process_time() - cpu_started)
         if on_step is not None:
             on_step(i + 1, loss)
     out.image = input_img.detach()

@@ -125,19 +125,46 @@ def per_iteration(result: dict[str, Any], warmup: int) -> float:
     return min(step_times(result)[warmup:])
 
 
-def first_reach(elapsed: Sequence[float], losses: Sequence[float], target: float) -> float | None:
-    for t, loss in zip(elapsed, losses, strict=True):
-        if loss <= target:
-            return t
-    return None
+def timeline(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every step of a run (an engine run's continuation included) as
+    ``{key, dt, elapsed, cpu, loss, final, phase, iteration}``; ``key`` groups steps of one size."""
+    if "losses" in result:  # the baseline: one scale
+        n = len(result["losses"])
+        cpu = result.get("cpu") or [None] * n
+        return [
+            {"key": "baseline", "dt": d, "elapsed": e, "cpu": c, "loss": loss, "final": True,
+             "phase": "first", "iteration": i + 1}
+            for i, (d, e, c, loss) in enumerate(
+                zip(result["step_seconds"], result["elapsed"], cpu, result["losses"], strict=True)
+            )
+        ]  # fmt: skip
+    out = []
+    phases = (
+        ("first", result["steps"]),
+        ("continued", (result.get("continued") or {}).get("steps", [])),
+    )
+    for phase, steps in phases:
+        for s in steps:
+            out.append(
+                {"key": (phase, s["scale"]), "dt": s["dt"], "elapsed": s["elapsed"],
+                 "cpu": s.get("cpu"), "loss": s["loss"], "final": s["scale"] == s["scales"],
+                 "phase": phase, "iteration": s["iteration"]}
+            )  # fmt: skip
+    return out
 
 
-def engine_reach(result: dict[str, Any]) -> dict[str, Any] | None:
-    if result.get("reached"):
-        return dict(result["reached"], phase="first")
-    cont = result.get("continued")
-    if cont and cont.get("reached"):
-        return dict(cont["reached"], phase="continued")
+def reach(result: dict[str, Any], target: float) -> dict[str, Any] | None:
+    """When a run's loss at its final scale first got to ``target``: wall and CPU seconds, and
+    an estimate free of other load (each step counted at the fastest step of its size)."""
+    steps = timeline(result)
+    fastest: dict[Any, float] = {}
+    for s in steps:
+        fastest[s["key"]] = min(fastest.get(s["key"], float("inf")), s["dt"])
+    estimate = 0.0
+    for i, s in enumerate(steps):
+        estimate += fastest[s["key"]]
+        if s["final"] and s["loss"] <= target:
+            return dict(s, step=i + 1, estimate=estimate)
     return None
 
 
@@ -175,6 +202,7 @@ class Bench:
         self.out = out or sys.stdout
         self.started = time.perf_counter()
         self.ratios: list[str] = []
+        self.results: list[dict[str, Any]] = []
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -182,6 +210,7 @@ class Bench:
     def measure(self, label: str, kind: str, **spec: Any) -> dict[str, Any]:
         spec = dict(spec, kind=kind, label=label, content=self.content, style=self.style)
         result = self.worker(spec)
+        self.results.append(result)
         stamp = f"[{time.perf_counter() - self.started:6.0f} s, load {load_average().split()[0]}]"
         self.say(f"{stamp} {label}: {self.describe(result)}")
         return result
@@ -200,9 +229,17 @@ class Bench:
         if len({s["scale"] for s in r.get("steps", [])}) <= 1 and len(times) > self.plan.warmup:
             timed = times[self.plan.warmup :]
             speed = f", min {min(timed):.3f} / median {statistics.median(timed):.3f} s/it timed"
+        more = ""
+        cont = r.get("continued")
+        if cont and cont["steps"]:
+            more = (
+                f"; then {len(cont['steps'])} more steps at the final scale (wall "
+                f"{cont['wall_seconds']:.1f} s in all, loss -> {cont['steps'][-1]['loss']:.6g}, "
+                f"peak {mb(cont['peak_rss_mb'])})"
+            )
         return (
             f"{len(times)} steps{speed}, wall {r['wall_seconds']:.1f} s, loss {losses[0]:.6g} -> "
-            f"{losses[-1]:.6g}; {mem}"
+            f"{losses[-1]:.6g}; {mem}{more}"
         )
 
     def engine_iter_spec(self, size: int, **settings: Any) -> dict[str, Any]:
@@ -277,7 +314,6 @@ class Bench:
             iterations=p.ref_iterations,
         )
         target = min(ref["losses"])
-        ref_time = first_reach(ref["elapsed"], ref["losses"], target)
         pyr = self.measure(
             f"engine default pyramid @{p.ref_size}",
             "engine",
@@ -299,8 +335,8 @@ class Bench:
             stop_when_reached=True,
             min_steps=default_first,
         )  # fmt: skip
-        return {"ref": ref, "target": target, "ref_time": ref_time, "pyramid": pyr,
-                "single": single, "default_first": default_first}  # fmt: skip
+        return {"ref": ref, "target": target, "pyramid": pyr, "single": single,
+                "default_first": default_first}  # fmt: skip
 
     def run(self) -> int:
         p = self.plan
@@ -354,35 +390,50 @@ class Bench:
         )
 
         self.say(f"\nTime to objective @{p.ref_size}:")
-        target, ref_time = tto["target"], tto["ref_time"]
-        ref = tto["ref"]
+        target, ref = tto["target"], tto["ref"]
+        base = reach(ref, target)
+        assert base is not None  # the target is one of the baseline's own losses
         self.say(
             f"  objective = {target:.6g}, the baseline's best in {p.ref_iterations} steps "
-            f"(its last: {ref['losses'][-1]:.6g}); baseline reached it after {ref_time:.1f} s"
+            f"(its last: {ref['losses'][-1]:.6g})"
         )
+        self.say(
+            "  (wall = as measured; CPU = process CPU time; estimate = each step at the fastest "
+            "step of its size, setup left out: the least sensitive to other load)"
+        )
+        self.say(f"  baseline: step {base['step']}: {self.times(base)}")
         rows = [("engine (default pyramid, then final scale)", tto["pyramid"]),
                 ("engine (single scale)", tto["single"])]  # fmt: skip
-        tto_ratio = None
+        tto_lines: list[str] = []
         for name, r in rows:
-            hit = engine_reach(r)
+            hit = reach(r, target)
             if hit is None:
-                steps = len(r["steps"]) + len((r.get("continued") or {}).get("steps", []))
+                steps = len(timeline(r))
                 self.say(f"  {name}: did NOT reach it within {steps} steps")
+                if not tto_lines:
+                    tto_lines = [f"engine did not reach the baseline's objective in {steps} steps"]
                 continue
             where = "within its run" if hit["phase"] == "first" else "after continuing"
+            ratios = self.speedups(base, hit)
             self.say(
-                f"  {name}: {hit['seconds']:.1f} s ({where}, step {hit['step']}, final-scale "
-                f"step {hit['final_iteration']}), {ref_time / hit['seconds']:.2f}x faster"
+                f"  {name}: step {hit['step']} (final-scale step {hit['iteration']}, {where}): "
+                f"{self.times(hit)}; faster by {ratios['wall']} (wall), {ratios['cpu']} (CPU), "
+                f"{ratios['estimate']} (estimate)"
             )
-            if tto_ratio is None:
-                tto_ratio = ref_time / hit["seconds"]
-        if tto_ratio is None:
-            line = "engine did not reach the baseline's objective"
+            if not tto_lines:
+                tto_lines = [ratios["estimate"], ratios["cpu"], ratios["wall"]]
+        note = (
+            ""
+            if (p.ref_iterations, p.ref_size) == (300, 512)
+            else f" ({p.ref_iterations}-step reference)"
+        )
+        head = f"ratio time-to-objective @{p.ref_size}"
+        if len(tto_lines) == 3:
+            tto_final = [f"{head} (fastest-step estimate): {tto_lines[0]}{note}",
+                         f"{head} (CPU time): {tto_lines[1]}{note}",
+                         f"{head}: {tto_lines[2]}{note}"]  # fmt: skip
         else:
-            line = f"{tto_ratio:.2f}x"
-        tto_line = f"ratio time-to-objective @{p.ref_size}: {line}"
-        if p.ref_iterations != 300 or p.ref_size != 512:
-            tto_line += f" ({p.ref_iterations}-step reference)"
+            tto_final = [f"{head}: {tto_lines[0]}"]
 
         self.say(f"\nDefault-settings stylization @{p.default_size} (Settings(backbone='random', "
                  "device='cpu'), otherwise defaults):")  # fmt: skip
@@ -441,9 +492,21 @@ class Bench:
 
         self.say(f"\nload average at the end: {load_average()}; total {self.elapsed():.0f} s")
         self.say("")
-        for line in self.ratios:
+        for line in (*self.ratios, *tto_final):
             self.say(line)
-        self.say(tto_line)
+
+    @staticmethod
+    def times(hit: dict[str, Any]) -> str:
+        cpu = "?" if hit.get("cpu") is None else f"{hit['cpu']:.1f} s"
+        return f"wall {hit['elapsed']:.1f} s, CPU {cpu}, estimate {hit['estimate']:.1f} s"
+
+    @staticmethod
+    def speedups(base: dict[str, Any], hit: dict[str, Any]) -> dict[str, str]:
+        out = {}
+        for key, b, e in (("wall", base["elapsed"], hit["elapsed"]), ("cpu", base.get("cpu"),
+                          hit.get("cpu")), ("estimate", base["estimate"], hit["estimate"])):  # fmt: skip
+            out[key] = "?" if not b or not e else f"{b / e:.2f}x"
+        return out
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
@@ -467,6 +530,7 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Plan]:
     parser.add_argument("--cache-iterations", type=int)
     parser.add_argument("--content", help="content image (default: a synthetic one)")
     parser.add_argument("--style", help="style image (default: a synthetic one)")
+    parser.add_argument("--json", metavar="PATH", help="also write every measurement here")
     ns = parser.parse_args(list(argv))
     plan = QUICK if ns.quick else FULL
     changes: dict[str, Any] = {}
@@ -521,6 +585,9 @@ def main(argv: Sequence[str] | None = None, *, worker: Worker | None = None) -> 
         except KeyboardInterrupt:
             print("pastiche bench: interrupted.", file=sys.stderr)
             return 130
+        finally:
+            if ns.json:
+                Path(ns.json).write_text(json.dumps(bench.results, indent=1), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -51,9 +51,10 @@ class Recorder:
         *,
         stop_when_reached: bool = False,
         min_steps: int = 0,
-        offset: float = 0.0,
+        cpu_started: float | None = None,
     ) -> None:
-        self.started, self.target, self.offset = started, target, offset
+        self.started, self.target = started, target
+        self.cpu_started = time.process_time() if cpu_started is None else cpu_started
         self.stop_when_reached, self.min_steps = stop_when_reached, min_steps
         self.last = time.perf_counter()
         self.steps: list[dict[str, Any]] = []
@@ -71,14 +72,15 @@ class Recorder:
                 "size": [p.width, p.height],
                 "loss": loss,
                 "dt": now - self.last,
-                "elapsed": now - self.started + self.offset,
+                "elapsed": now - self.started,
+                "cpu": time.process_time() - self.cpu_started,
             }
         )
         self.last = now
         final = p.scale == p.scales
         if self.reached is None and self.target is not None and final and loss <= self.target:
             self.reached = {
-                "seconds": now - self.started + self.offset,
+                "seconds": now - self.started,
                 "step": p.step,
                 "final_iteration": p.iteration,
                 "loss": loss,
@@ -114,7 +116,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if kind == "baseline":
         from . import baseline
 
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         cnn = baseline.network(backbones.random_state_dict("vgg19", SEED))
         out["model_seconds"] = time.perf_counter() - started
         out["rss_model_mb"] = rss_now_mb()
@@ -127,12 +129,14 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             settings=settings,
             frozen=spec.get("frozen", False),
             started=started,
+            cpu_started=cpu_started,
         )
         out["wall_seconds"] = time.perf_counter() - started
         out["peak_rss_mb"] = peak_rss_mb()
         out["step_seconds"] = run.step_seconds
         out["losses"] = run.losses
         out["elapsed"] = run.elapsed
+        out["cpu"] = run.cpu
         return out
     if kind == "engine":
         return _engine(spec, settings, content, style, out)
@@ -159,12 +163,13 @@ def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: 
     from core import engine
     from core.errors import Cancelled
 
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     out["model_seconds"], out["rss_model_mb"] = _prebuild(settings)
     target = spec.get("target")
     rec = Recorder(
         started,
         target,
+        cpu_started=cpu_started,
         stop_when_reached=spec.get("stop_when_reached", False),
         min_steps=spec.get("min_steps", 0),
     )
@@ -213,7 +218,9 @@ def _continue(settings, content, style, image, rec: Recorder, iterations: int) -
             early_stop=0.0,
             preview_every=0,
         )
-        rec2 = Recorder(rec.started, rec.target, stop_when_reached=True)
+        rec2 = Recorder(
+            rec.started, rec.target, stop_when_reached=True, cpu_started=rec.cpu_started
+        )
         try:
             engine.stylize(
                 content, [style], more, on_progress=rec2.on_progress, should_stop=rec2.should_stop

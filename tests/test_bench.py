@@ -49,9 +49,21 @@ def test_arguments_are_checked() -> None:
     assert plan.timed == 4 and plan.ref_size == bench.QUICK.ref_size
 
 
-def test_first_reach() -> None:
-    assert bench.first_reach([1.0, 2.0, 3.0], [5.0, 3.0, 2.0], 3.0) == 2.0
-    assert bench.first_reach([1.0], [5.0], 3.0) is None
+def test_reach_counts_only_the_final_scale_and_estimates_from_fastest_steps() -> None:
+    def step(scale: int, dt: float, loss: float, elapsed: float) -> dict:
+        return {"scale": scale, "scales": 2, "iteration": 1, "dt": dt, "loss": loss,
+                "elapsed": elapsed, "cpu": 2 * elapsed}  # fmt: skip
+
+    run = {"steps": [step(1, 1.0, 0.5, 1.0), step(1, 0.5, 0.4, 1.5), step(2, 3.0, 2.0, 4.5)],
+           "continued": {"steps": [step(2, 2.0, 0.9, 6.5), step(2, 2.5, 0.3, 9.0)]}}  # fmt: skip
+    hit = bench.reach(run, 1.0)  # the coarse scale's 0.5 does not count
+    assert hit is not None and hit["phase"] == "continued" and hit["step"] == 4
+    assert hit["elapsed"] == 6.5 and hit["cpu"] == 13.0
+    assert hit["estimate"] == 0.5 + 0.5 + 3.0 + 2.0
+    assert bench.reach(run, 0.1) is None
+    base = {"losses": [3.0, 1.0], "step_seconds": [2.0, 1.0], "elapsed": [3.0, 4.0]}
+    hit = bench.reach(base, 1.0)
+    assert hit is not None and hit["step"] == 2 and hit["estimate"] == 2.0 and hit["cpu"] is None
 
 
 @pytest.mark.slow
@@ -60,8 +72,10 @@ def test_bench_runs_end_to_end_in_process(capsys: pytest.CaptureFixture[str]) ->
     assert bench.main(TINY, worker=workers.measure) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("ratio time-to-objective @48: ")
-    assert lines[-2].startswith("ratio per-iteration @48: ") and lines[-2].endswith("x")
-    assert "ratio per-iteration @32: " in lines[-4]
+    assert lines[-2].startswith("ratio time-to-objective @48 (CPU time): ")
+    assert lines[-3].startswith("ratio time-to-objective @48 (fastest-step estimate): ")
+    assert lines[-4].startswith("ratio per-iteration @48: ") and lines[-4].endswith("x")
+    assert lines[-6].startswith("ratio per-iteration @32: ")
     text = "\n".join(lines)
     for part in ("same objective check", "precision @48", "channels_last @48",
                  "frozen weights (baseline) @48", "pyramid @48", "style-target cache @48",
