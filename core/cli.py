@@ -65,6 +65,7 @@ FIELD_HELP: dict[str, str] = {
     "device": "auto, cpu, cuda, cuda:N or mps",
     "precision": "numeric precision of the convolutions",
     "channels_last": "channels-last memory layout (unset: where measured faster)",
+    "winograd": "Winograd F(4x4,3x3) convolutions (unset: fp32 on CPU, where measured faster)",
     "preview_every": "with --preview: refresh it every N steps",
 }
 _SKIP_FIELDS = {"extra"}

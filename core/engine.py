@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import backbones, colour, images
+from . import backbones, colour, images, winograd
 from .errors import Cancelled, ImageError, SettingsError
 from .losses import ContentLoss, LayerApply, Scale, StyleLoss, SumLoss, TVLoss, gram
 from .settings import Settings
@@ -118,6 +118,15 @@ def pick_precision(settings: Settings, device: torch.device) -> torch.dtype | No
     return None
 
 
+def pick_winograd(settings: Settings, device: torch.device) -> bool:
+    """Winograd convolutions where they measured faster: fp32 on CPU (core/winograd.py).
+
+    CUDA's cuDNN picks its own algorithms (Winograd among them); MPS has its own kernels."""
+    if settings.winograd is not None:
+        return settings.winograd
+    return device.type == "cpu" and pick_precision(settings, device) is None
+
+
 # ---- image <-> tensor -----------------------------------------------------------------------
 def to_tensor(img: Image.Image, device: torch.device) -> torch.Tensor:
     """8-bit RGB PIL image to a (1, 3, H, W) float tensor in [0, 1]."""
@@ -204,7 +213,11 @@ def load_model(settings: Settings, plan: LayerPlan, device: torch.device, channe
         normalization, source = src.normalization, str(path)
     layers = tuple(dict.fromkeys((*plan.content, *plan.style)))
     mtime = os.path.getmtime(path) if path else 0.0
-    key = (settings.backbone, source, mtime, normalization, str(device), layers, channels_last)
+    use_winograd = pick_winograd(settings, device)
+    key = (
+        settings.backbone, source, mtime, normalization, str(device), layers, channels_last,
+        use_winograd,
+    )  # fmt: skip
     model = _MODEL_CACHE.get(key)
     if model is None:
         state = None
@@ -218,6 +231,8 @@ def load_model(settings: Settings, plan: LayerPlan, device: torch.device, channe
         model = model.to(device)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
+        if use_winograd:
+            winograd.convert(model.features)
         _MODEL_CACHE[key] = model
         while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
             _MODEL_CACHE.popitem(last=False)
@@ -544,6 +559,7 @@ def stylize(
         "device": str(device),
         "precision": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
         "channels_last": channels_last,
+        "winograd": pick_winograd(s, device),
         "scales": [list(wh) for wh in sizes],
         "steps": steps_run,
         "losses": losses,

@@ -29,8 +29,15 @@ def tiny_settings(vgg19_checkpoint: Path) -> Callable[..., Settings]:
 
     def make(**changes) -> Settings:
         base = dict(
-            size=64, min_size=32, iterations=6, backbone="vgg19", weights=str(vgg19_checkpoint),
-            device="cpu", precision="fp32", early_stop=0.0, preview_every=0,
+            size=64,
+            min_size=32,
+            iterations=6,
+            backbone="vgg19",
+            weights=str(vgg19_checkpoint),
+            device="cpu",
+            precision="fp32",
+            early_stop=0.0,
+            preview_every=0,
         )
         base.update(changes)
         return Settings(**base)

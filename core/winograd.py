@@ -1,0 +1,255 @@
+"""3x3 convolutions by Winograd's minimal filtering F(4x4, 3x3), for frozen weights on CPUs.
+
+Why: on a CPU without a fast low-precision path (no AMX), VGG19's 3x3 convolutions run at
+close to the peak fp32 rate, so the only way to make a step much cheaper is fewer multiplies.
+F(4x4, 3x3) (Lavin & Gray, *Fast Algorithms for Convolutional Neural Networks*, 2016) needs
+2.25 per output instead of 9: every 6x6 input tile and every filter go to the transform domain,
+where the convolution becomes 36 independent matrix products (one ``bmm``), and the 36 products
+come back as a 4x4 output tile. The transforms are two small GEMMs with fixed Kronecker
+matrices. The result equals the direct convolution up to fp32 rounding (relative error ~1e-5,
+checked in tests/test_winograd.py and reported as a loss difference by the benchmark).
+
+Style transfer never trains the network, so the transformed filters are computed once per
+layer. The gradient with respect to the input is the exact adjoint of the same computation
+(the same transformed filters, transposed), so L-BFGS sees gradients consistent with the loss.
+Nothing of the input is saved for the backward pass.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Transform matrices for F(4, 3) with interpolation points 0, +-1, +-2, inf (Lavin & Gray).
+_BT = torch.tensor(
+    [
+        [4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1],
+    ],
+    dtype=torch.float64,
+)
+_G = torch.tensor(
+    [
+        [1 / 4, 0, 0],
+        [-1 / 6, -1 / 6, -1 / 6],
+        [-1 / 6, 1 / 6, -1 / 6],
+        [1 / 24, 1 / 12, 1 / 6],
+        [1 / 24, -1 / 12, 1 / 6],
+        [0, 0, 1],
+    ],
+    dtype=torch.float64,
+)
+_AT = torch.tensor(
+    [
+        [1, 1, 1, 1, 1, 0],
+        [0, 1, -1, 2, -2, 0],
+        [0, 1, 1, 4, 4, 0],
+        [0, 1, -1, 8, -8, 1],
+    ],
+    dtype=torch.float64,
+)
+# Two-sided transforms of a flattened tile: vec(B^T d B) = kron(B^T, B^T) vec(d).
+_IN = torch.kron(_BT, _BT).float()  # (36, 36)
+_OUT = torch.kron(_AT, _AT).float()  # (16, 36)
+TILE, OUT_TILE = 6, 4
+
+
+def transform_filters(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in, 3, 3) filters -> (36, in, out) in the transform domain (G g G^T), in fp64."""
+    u = _G.to(weight.device) @ weight.double() @ _G.T.to(weight.device)  # (out, in, 6, 6)
+    k, c = weight.shape[:2]
+    return u.permute(2, 3, 1, 0).reshape(TILE * TILE, c, k).to(weight.dtype).contiguous()
+
+
+# Tiles are processed in bands of rows so that the transform-domain buffers stay small
+# (about this many floats each): bounded memory at any image size, and better cache reuse.
+BAND_ELEMENTS = 1 << 22
+
+
+def _band_rows(n: int, tiles_wide: int, channels: int) -> int:
+    return max(1, BAND_ELEMENTS // (TILE * TILE * n * tiles_wide * channels))
+
+
+_local = threading.local()
+
+
+def _buffers(numel: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """Two reusable band buffers per thread: fresh large allocations cost page faults on every
+    call (glibc maps them anew), and keeping them is cheap (2 x BAND_ELEMENTS floats)."""
+    key = (device, dtype)
+    found = getattr(_local, "buffers", {}).get(key)
+    if found is None or found[0].numel() < numel:
+        size = max(numel, BAND_ELEMENTS)
+        found = tuple(torch.empty(size, device=device, dtype=dtype) for _ in range(2))
+        _local.buffers = {key: found}
+    return tuple(b[:numel] for b in found)
+
+
+def conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, w, bias, padding=1)`` for ``filters = transform_filters(w)``.
+
+    The result is channels_last (as the backbone's activations are); ``x`` may be either layout.
+    """
+    n, c, h, w = x.shape
+    k = filters.shape[2]
+    th, tw = -(-h // OUT_TILE), -(-w // OUT_TILE)
+    b_in, b_out = _IN.to(x.device, x.dtype), _OUT.to(x.device, x.dtype)
+    # Zero padding: 1 for the convolution, plus whatever completes the last tile.
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + tw * 4 - w, 1, 1 + th * 4 - h))
+    # Written straight into a fresh channels_last tensor (not a view, so ReLU may work in place).
+    out = torch.empty(
+        (n, k, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last
+    )
+    out_hwc = out.permute(0, 2, 3, 1)
+    step = _band_rows(n, tw, max(c, k))
+    for r0 in range(0, th, step):
+        tr = min(step, th - r0)
+        tiles = n * tr * tw
+        one, two = _buffers(TILE * TILE * tiles * max(c, k), x.device, x.dtype)
+        t = xp[:, 4 * r0 : 4 * (r0 + tr) + 2].unfold(1, TILE, OUT_TILE).unfold(2, TILE, OUT_TILE)
+        d = one[: TILE * TILE * tiles * c].view(6, 6, n, tr, tw, c)
+        d.copy_(t.permute(4, 5, 0, 1, 2, 3))  # n tr tw c 6 6 -> (6, 6, n, tr, tw, c)
+        v = two[: TILE * TILE * tiles * c].view(TILE * TILE, -1)
+        torch.mm(b_in, d.view(TILE * TILE, -1), out=v)
+        m = one[: TILE * TILE * tiles * k].view(TILE * TILE, tiles, k)
+        torch.bmm(v.view(TILE * TILE, tiles, c), filters, out=m)  # the convolution proper
+        t = two[: 16 * tiles * k].view(16, -1)
+        torch.mm(b_out, m.view(TILE * TILE, -1), out=t)
+        t = t.view(4, 4, n, tr, tw, k)
+        y = t.permute(2, 3, 0, 4, 1, 5)  # n tr 4 tw 4 k
+        rows = min(h - 4 * r0, 4 * tr)
+        dst = out_hwc[:, 4 * r0 : 4 * r0 + rows]
+        if rows == 4 * tr and w == 4 * tw:
+            dst = dst.view(n, tr, 4, tw, 4, k)
+        else:
+            y = y.reshape(n, 4 * tr, 4 * tw, k)[:, :rows, :w]
+        if bias is None:
+            dst.copy_(y)
+        else:
+            torch.add(y, bias, out=dst)
+    return out
+
+
+def conv3x3_adjoint(grad: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``conv3x3`` with respect to its input: the exact adjoint of its linear
+    map (output tiles -> transform domain by A, filters transposed, back by B, overlapping input
+    tiles summed), so it needs no second set of transformed filters."""
+    n, k, h, w = grad.shape
+    c = filters.shape[1]
+    th, tw = -(-h // OUT_TILE), -(-w // OUT_TILE)
+    a_out_t, b_in_t = _OUT.T.to(grad.device, grad.dtype), _IN.T.to(grad.device, grad.dtype)
+    filters_t = filters.transpose(1, 2)
+    g = grad.permute(0, 2, 3, 1)
+    acc = torch.zeros((n, th + 1, 4, tw + 1, 4, c), device=grad.device, dtype=grad.dtype)
+    step = _band_rows(n, tw, max(c, k))
+    for r0 in range(0, th, step):
+        tr = min(step, th - r0)
+        rows = min(h - 4 * r0, 4 * tr)
+        tiles = n * tr * tw
+        one, two = _buffers(TILE * TILE * tiles * max(c, k), grad.device, grad.dtype)
+        t = F.pad(g[:, 4 * r0 : 4 * r0 + rows], (0, 0, 0, tw * 4 - w, 0, tr * 4 - rows))
+        gt = one[: 16 * tiles * k].view(4, 4, n, tr, tw, k)
+        gt.copy_(t.view(n, tr, 4, tw, 4, k).permute(2, 4, 0, 1, 3, 5))
+        m = two[: TILE * TILE * tiles * k].view(TILE * TILE, -1)
+        torch.mm(a_out_t, gt.view(16, -1), out=m)
+        v = one[: TILE * TILE * tiles * c].view(TILE * TILE, tiles, c)
+        torch.bmm(m.view(TILE * TILE, tiles, k), filters_t, out=v)  # (36, tiles, in)
+        t = two[: TILE * TILE * tiles * c].view(TILE * TILE, -1)
+        torch.mm(b_in_t, v.view(TILE * TILE, -1), out=t)
+        t = t.view(6, 6, n, tr, tw, c)
+        d = t.permute(2, 3, 0, 4, 1, 5)  # n tr 6 tw 6 c
+        # Overlap-add: tile rows/cols 0-3 land in their own 4x4 block, 4-5 in the next one's 0-1.
+        a = acc[:, r0 : r0 + tr + 1]
+        a[:, :tr, :, :tw] += d[:, :, :4, :, :4]
+        a[:, 1:, :2, :tw] += d[:, :, 4:, :, :4]
+        a[:, :tr, :, 1:, :2] += d[:, :, :4, :, 4:]
+        a[:, 1:, :2, 1:, :2] += d[:, :, 4:, :, 4:]
+    full = acc.view(n, 4 * th + 4, 4 * tw + 4, c)[:, 1 : 1 + h, 1 : 1 + w]  # drop the padding
+    out = torch.empty(
+        (n, c, h, w), device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last
+    )
+    out.permute(0, 2, 3, 1).copy_(full)
+    return out
+
+
+class _Conv3x3(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, filters, bias):  # type: ignore[override]
+        ctx.filters = filters  # frozen: nothing of the input is kept
+        return conv3x3(x, filters, bias)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        grad_x = conv3x3_adjoint(grad, ctx.filters) if ctx.needs_input_grad[0] else None
+        return grad_x, None, None
+
+
+class WinogradConv2d(nn.Module):
+    """A frozen 3x3, stride 1, padding 1 ``nn.Conv2d`` computed by F(4x4, 3x3).
+
+    Falls back to the wrapped convolution for anything but fp32 (autocast, other dtypes) or
+    trainable weights, so a model can be moved between devices and precisions freely.
+    """
+
+    def __init__(self, conv: nn.Conv2d) -> None:
+        super().__init__()
+        if not supports(conv):
+            raise ValueError(f"Winograd F(4x4, 3x3) does not apply to {conv}")
+        self.conv = conv
+        self._filters: torch.Tensor | None = None
+
+    def _transformed(self) -> torch.Tensor:
+        w = self.conv.weight.detach()
+        if self._filters is None or self._filters.device != w.device:
+            self._filters = transform_filters(w)
+        return self._filters
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.dtype != torch.float32
+            or self.conv.weight.dtype != torch.float32
+            or torch.is_autocast_enabled(x.device.type)
+            or self.conv.weight.requires_grad
+        ):
+            return self.conv(x)
+        bias = self.conv.bias.detach() if self.conv.bias is not None else None
+        return _Conv3x3.apply(x, self._transformed(), bias)
+
+
+def supports(conv: nn.Module) -> bool:
+    """True for a plain 3x3, stride 1, padding 1 (zeros), dilation 1, ungrouped conv."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (3, 3)
+        and conv.stride == (1, 1)
+        and conv.padding == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
+
+
+# Below this many channels (in or out) the transforms cost more memory traffic than the
+# multiplies they save: VGG19's 64-channel layers ran slower by F(4x4, 3x3) on the 2-core
+# AVX512 machine, the 128-channel ones 1.1-1.8x faster (docs/BENCHMARKS.md).
+MIN_CHANNELS = 128
+
+
+def convert(features: nn.Module, min_channels: int = MIN_CHANNELS) -> int:
+    """Swap every eligible 3x3 conv in ``features`` (in place) for WinogradConv2d; returns how
+    many were swapped."""
+    swapped = 0
+    for name, child in list(features.named_children()):
+        if supports(child) and min(child.in_channels, child.out_channels) >= min_channels:
+            setattr(features, name, WinogradConv2d(child))
+            swapped += 1
+        elif not isinstance(child, WinogradConv2d):
+            swapped += convert(child, min_channels)
+    return swapped

@@ -1,0 +1,138 @@
+"""Winograd F(4x4, 3x3) convolutions: the same results and input gradients as ``conv2d``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import nn
+
+from core import backbones, engine, winograd
+from core.settings import Settings
+from tests.conftest import make_image
+
+
+def _pair(c: int, k: int, seed: int = 0) -> tuple[nn.Conv2d, winograd.WinogradConv2d]:
+    torch.manual_seed(seed)
+    conv = nn.Conv2d(c, k, 3, padding=1).requires_grad_(False)
+    return conv, winograd.WinogradConv2d(conv)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "shape", [(2, 5, 7, 13, 9), (1, 16, 8, 4, 4), (1, 3, 4, 1, 1), (1, 8, 8, 6, 10)]
+)
+def test_forward_and_input_gradient_match_conv2d(shape, channels_last: bool) -> None:
+    n, c, k, h, w = shape
+    conv, fast = _pair(c, k)
+    x = torch.randn(n, c, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = conv(x1), fast(x2)
+    g = torch.randn_like(y1)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    assert y2.shape == y1.shape
+    assert y2.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y2, y1, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_bands_of_tile_rows_give_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    conv, fast = _pair(8, 6)
+    x = torch.randn(1, 8, 17, 22, requires_grad=True)
+    whole = fast(x)
+    (g_whole,) = torch.autograd.grad(whole.square().sum(), x)
+    monkeypatch.setattr(winograd, "BAND_ELEMENTS", 36 * 6 * 8)  # one tile row per band
+    banded = fast(x)
+    (g_banded,) = torch.autograd.grad(banded.square().sum(), x)
+    torch.testing.assert_close(banded, whole)
+    torch.testing.assert_close(g_banded, g_whole)
+    torch.testing.assert_close(banded, conv(x), rtol=1e-4, atol=1e-4)
+
+
+def test_output_can_be_modified_in_place_by_relu() -> None:
+    _, fast = _pair(4, 4)
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    y = nn.ReLU(inplace=True)(fast(x))  # a view output would make autograd refuse this
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_falls_back_to_the_plain_conv_for_bf16_and_trainable_weights() -> None:
+    conv, fast = _pair(4, 4)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(x).dtype == torch.bfloat16
+    conv.requires_grad_(True)
+    y = fast(x)
+    y.sum().backward()
+    assert conv.weight.grad is not None  # only the plain conv computes weight gradients
+
+
+def test_supports_only_3x3_stride_1_padding_1() -> None:
+    assert winograd.supports(nn.Conv2d(4, 4, 3, padding=1))
+    assert not winograd.supports(nn.Conv2d(4, 4, 3, padding=1, stride=2))
+    assert not winograd.supports(nn.Conv2d(4, 4, 1))
+    assert not winograd.supports(nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate"))
+    with pytest.raises(ValueError):
+        winograd.WinogradConv2d(nn.Conv2d(4, 4, 5, padding=2))
+
+
+def test_convert_swaps_the_wide_vgg19_layers_only() -> None:
+    model = backbones.build("vgg19", None, ["relu5_1"])
+    swapped = winograd.convert(model.features)
+    kinds = {
+        backbones.VGG19.names[i]: type(m).__name__
+        for i, m in enumerate(model.features)
+        if isinstance(m, (nn.Conv2d, winograd.WinogradConv2d))
+    }
+    assert kinds["conv1_1"] == kinds["conv1_2"] == kinds["conv2_1"] == "Conv2d"
+    assert {kinds[n] for n in ("conv2_2", "conv3_1", "conv4_4", "conv5_1")} == {"WinogradConv2d"}
+    assert swapped == 10
+    assert winograd.convert(model.features) == 0  # idempotent
+
+
+def test_engine_objective_is_the_same_with_and_without_winograd(
+    tiny_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One step from the same start: the loss terms agree to fp32 rounding.
+    calls = {"forward": 0, "adjoint": 0}
+
+    def counting(fn: Callable, key: str) -> Callable:
+        def counted(*args):
+            calls[key] += 1
+            return fn(*args)
+
+        return counted
+
+    monkeypatch.setattr(winograd, "conv3x3", counting(winograd.conv3x3, "forward"))
+    monkeypatch.setattr(winograd, "conv3x3_adjoint", counting(winograd.conv3x3_adjoint, "adjoint"))
+    results = {}
+    for flag in (False, True):
+        s = tiny_settings(winograd=flag, iterations=1, initial_iterations=1, pyramid=False)
+        r = engine.stylize(make_image(64, 48), [make_image(64, 48, seed=3)], s)
+        assert r.metadata["winograd"] is flag
+        results[flag] = r.metadata["losses"]
+        if not flag:
+            assert calls == {"forward": 0, "adjoint": 0}
+    assert calls["forward"] > 0 and calls["adjoint"] > 0  # the engine really used it
+    for term, value in results[False].items():
+        assert results[True][term] == pytest.approx(value, rel=1e-4)
+
+
+def test_winograd_is_picked_for_fp32_on_cpu_only() -> None:
+    cpu = torch.device("cpu")
+    assert engine.pick_winograd(Settings(precision="fp32"), cpu)
+    assert not engine.pick_winograd(Settings(precision="bf16"), cpu)
+    assert not engine.pick_winograd(Settings(winograd=False), cpu)
+    assert not engine.pick_winograd(Settings(precision="fp32"), torch.device("meta"))
+
+
+def test_winograd_setting_is_validated() -> None:
+    from core.errors import SettingsError
+
+    with pytest.raises(SettingsError, match="winograd"):
+        Settings(winograd="yes")  # type: ignore[arg-type]
