@@ -8,7 +8,8 @@ In one run, on the same random VGG19 weights and the same images, it measures
   steps (the engine: its default pyramid, then more steps at the final scale);
 * a default-settings stylization (wall time and peak memory);
 * each engine lever on and off, with the loss difference it causes: precision, channels_last,
-  frozen weights (via the baseline), the pyramid and the style-target cache.
+  Winograd convolutions, frozen weights (via the baseline), the pyramid and the style-target
+  cache.
 
 The ratios are printed as the last lines. Timings are the median of the timed iterations after
 a warm-up, the best over rounds; the machine may be shared, so the load average is printed too.
@@ -271,6 +272,10 @@ class Bench:
                     "engine",
                     self.engine_iter_spec(size, channels_last=False),
                 )
+                variants["engine winograd off"] = (
+                    "engine",
+                    self.engine_iter_spec(size, winograd=False),
+                )
                 variants["baseline frozen"] = (
                     "baseline",
                     {"size": size, "iterations": n, "frozen": True},
@@ -442,7 +447,8 @@ class Bench:
             f"  wall {default['wall_seconds']:.1f} s (model build included, imports "
             f"{default['import_seconds']:.1f} s not), peak RSS {mb(default['peak_rss_mb'])}, "
             f"scales {meta.get('scales')}, steps {meta.get('steps')}, "
-            f"precision {meta.get('precision')}, channels_last {meta.get('channels_last')}"
+            f"precision {meta.get('precision')}, channels_last {meta.get('channels_last')}, "
+            f"winograd {meta.get('winograd')}"
         )
 
         self.say("\nLevers (on vs off, same run):")
@@ -470,6 +476,8 @@ class Bench:
                     f"{b:.6g} ({other}), {rel(b, a)}"
                 )
             row("channels_last", "engine", "engine channels_last off", "on", "off")
+            wino = lv["engine"][0]["metadata"].get("winograd")
+            row("winograd F(4x4,3x3)", "engine", "engine winograd off", f"{wino} (auto)", "off")
             row("frozen weights (baseline)", "baseline frozen", "baseline", "frozen", "unfrozen")
         pyr, single, first = tto["pyramid"], tto["single"], tto["default_first"]
         if len(single["steps"]) >= first:

@@ -186,7 +186,9 @@ def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: 
     out["reached"] = rec.reached
     if result is not None:
         meta = result.metadata
-        out["metadata"] = {k: meta[k] for k in ("precision", "channels_last", "scales", "steps")}
+        out["metadata"] = {
+            k: meta[k] for k in ("precision", "channels_last", "winograd", "scales", "steps")
+        }
     continue_iters = spec.get("continue_iterations", 0)
     if target is not None and rec.reached is None and result is not None and continue_iters:
         out["continued"] = _continue(settings, content, style, result.image, rec, continue_iters)

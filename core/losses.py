@@ -30,7 +30,13 @@ Features = Mapping[str, torch.Tensor]
 def gram(features: torch.Tensor) -> torch.Tensor:
     """Gram matrix of a (B, C, H, W) activation, divided by H*W, in float32."""
     b, c, h, w = features.shape
-    mat = features.float().reshape(b, c, h * w)
+    f = features.float()
+    if f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous():
+        # (B, H*W, C) is a view of a channels_last tensor; reshaping to (B, C, H*W) would copy
+        # the whole activation (and its gradient) every step.
+        mat = f.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return torch.bmm(mat.transpose(1, 2), mat) / (h * w)
+    mat = f.reshape(b, c, h * w)
     return torch.bmm(mat, mat.transpose(1, 2)) / (h * w)
 
 

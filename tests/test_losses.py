@@ -96,3 +96,13 @@ def test_colour_stats_matching_gives_the_content_mean_and_covariance() -> None:
     o, c = out[0].reshape(3, -1), content[0].reshape(3, -1)
     assert torch.allclose(o.mean(1), c.mean(1), atol=1e-3)
     assert torch.allclose(torch.cov(o), torch.cov(c), atol=2e-3)
+
+
+def test_gram_of_channels_last_features_equals_contiguous() -> None:
+    x = torch.rand(2, 5, 6, 7)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(gram(cl), gram(x))
+    a, b = x.clone().requires_grad_(), cl.clone().requires_grad_()
+    gram(a).square().sum().backward()
+    gram(b).square().sum().backward()
+    torch.testing.assert_close(b.grad, a.grad)
