@@ -37,8 +37,8 @@ QUALITY_ITERATIONS: dict[str, int] = {"draft": 8, "standard": 20, "high": 100}
 
 The ratio of first-scale to later-scale iterations is crowsonkb's 1000:500. The absolute numbers
 are a compute budget, not a tuned value: "standard" keeps a 512 px CPU stylization within about
-90 s on two cores (VGG19 costs ~1.8 s per step at 512 px there; see benchmarks/), "high" is for
-GPUs and patient people.
+90 s on two cores (an engine step at 512 px costs ~0.8 s there with Winograd convolutions,
+~1.3 s without; see benchmarks/), "high" is for GPUs and patient people.
 """
 
 
