@@ -435,6 +435,7 @@ def stylize(
     losses: dict[str, float] = {}
     done_pixel_steps, opt_time, step, cache_hits = 0, 0.0, 0, 0
     steps_run: list[int] = []
+    restored: list[int] = []  # scales whose best evaluated image replaced a worse last one
 
     for scale_i, ((w, h), iters) in enumerate(zip(sizes, plan_iters, strict=True)):
         release_memory()
@@ -488,13 +489,29 @@ def stylize(
         image = prep_content(start.clamp(0, 1)).contiguous().requires_grad_(True)
 
         opt, average = _optimizer(s, image)
+        # L-BFGS without a line search (neural-style's and crowsonkb's configuration) is not
+        # monotone: a poor curvature estimate can throw the image far uphill for a few steps.
+        # The best image evaluated in this scale is kept, so a scale never ends worse than it
+        # got (Adam's output is its iterate average instead).
+        best_seen: dict[str, Any] = {"loss": math.inf, "image": None, "losses": {}, "last": 0.0}
 
-        def closure(opt=opt, image=image, objective=objective) -> torch.Tensor:
+        def closure(
+            opt=opt, image=image, objective=objective, best_seen=best_seen, track=average is None
+        ) -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
             feats = fwd(image)
             feats["input"] = image
             loss = objective(feats)
             loss.backward()
+            if track:
+                value = float(loss.detach())
+                best_seen["last"] = value
+                if value < best_seen["loss"]:
+                    best_seen.update(loss=value, losses=objective.values())
+                    if best_seen["image"] is None:
+                        best_seen["image"] = image.detach().clone()
+                    else:
+                        best_seen["image"].copy_(image.detach())
             return loss
 
         best, best_at, it = math.inf, 0, 0
@@ -540,7 +557,14 @@ def stylize(
             if stop_early:
                 break
         steps_run.append(it)
-        image = _current(image, average).detach()
+        if best_seen["image"] is not None and best_seen["last"] > best_seen["loss"]:
+            # The last evaluated image was not the best: the run went uphill at the end, so the
+            # final step (never evaluated) is not trusted either.
+            image, losses = best_seen["image"], best_seen["losses"]
+            restored.append(scale_i + 1)
+        else:
+            image = _current(image, average).detach()
+        best_seen.clear()
 
     assert image is not None
     out = colour.with_chroma_of(image, photo_t_full) if luminance_mode else image.clamp(0, 1)
@@ -562,6 +586,7 @@ def stylize(
         "winograd": pick_winograd(s, device),
         "scales": [list(wh) for wh in sizes],
         "steps": steps_run,
+        "restored_best": restored,
         "losses": losses,
         "style_cache_hits": cache_hits,
         "seconds": round(time.perf_counter() - started, 3),

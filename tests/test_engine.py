@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core import Cancelled, ImageError, SettingsError, WeightsError, stylize
+from core import Cancelled, ImageError, SettingsError, WeightsError, engine, stylize
 from core.backbones import random_state_dict
 from core.colour import rgb_to_ycbcr
 from core.engine import pyramid, to_tensor
@@ -267,3 +267,23 @@ def test_png_output_records_settings(tiny_settings, tmp_path: Path) -> None:
     meta = read_metadata(out)
     assert meta["settings"]["size"] == 64
     assert Image.open(io.BytesIO(out.read_bytes())).size == (64, 48)
+
+
+def test_lbfgs_scale_ends_on_its_best_image_after_going_uphill(
+    tiny_settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A step size far too large makes L-BFGS overshoot; the scale must not end on the worse image.
+    def overshooting(s, image):
+        return torch.optim.LBFGS([image], lr=50.0, max_iter=1, history_size=10), None
+
+    monkeypatch.setattr(engine, "_optimizer", overshooting)
+    seen: list[float] = []
+    r = engine.stylize(
+        make_image(64, 48),
+        [make_image(64, 48, seed=3)],
+        tiny_settings(pyramid=False, iterations=6, initial_iterations=6),
+        on_progress=lambda p: seen.append(p.losses["total"]),
+    )
+    assert max(seen) > seen[0]  # it really went uphill
+    assert r.metadata["restored_best"] == [1]
+    assert r.metadata["losses"]["total"] == pytest.approx(min(seen))
