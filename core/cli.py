@@ -66,6 +66,7 @@ FIELD_HELP: dict[str, str] = {
     "precision": "numeric precision of the convolutions",
     "channels_last": "channels-last memory layout (unset: where measured faster)",
     "winograd": "Winograd F(4x4,3x3) convolutions (unset: fp32 on CPU, where measured faster)",
+    "fused_pooling": "fuse each ReLU with the max pool after it (unset: on for the CPU)",
     "preview_every": "with --preview: refresh it every N steps",
 }
 _SKIP_FIELDS = {"extra"}

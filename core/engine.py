@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import backbones, colour, images, winograd
+from . import backbones, colour, fusion, images, memory, winograd
 from .errors import Cancelled, ImageError, SettingsError
 from .losses import ContentLoss, LayerApply, Scale, StyleLoss, SumLoss, TVLoss, gram
 from .settings import Settings
@@ -127,6 +127,14 @@ def pick_winograd(settings: Settings, device: torch.device) -> bool:
     return device.type == "cpu" and pick_precision(settings, device) is None
 
 
+def pick_fused_pooling(settings: Settings, device: torch.device) -> bool:
+    """ReLU + max pool fused (core/fusion.py) on the CPU only: its backward passes an unwritten
+    full-size tensor for the shape, free there but a real allocation on a GPU."""
+    if settings.fused_pooling is not None:
+        return settings.fused_pooling
+    return device.type == "cpu"
+
+
 # ---- image <-> tensor -----------------------------------------------------------------------
 def to_tensor(img: Image.Image, device: torch.device) -> torch.Tensor:
     """8-bit RGB PIL image to a (1, 3, H, W) float tensor in [0, 1]."""
@@ -214,9 +222,10 @@ def load_model(settings: Settings, plan: LayerPlan, device: torch.device, channe
     layers = tuple(dict.fromkeys((*plan.content, *plan.style)))
     mtime = os.path.getmtime(path) if path else 0.0
     use_winograd = pick_winograd(settings, device)
+    use_fusion = pick_fused_pooling(settings, device)
     key = (
         settings.backbone, source, mtime, normalization, str(device), layers, channels_last,
-        use_winograd,
+        use_winograd, use_fusion,
     )  # fmt: skip
     model = _MODEL_CACHE.get(key)
     if model is None:
@@ -233,6 +242,8 @@ def load_model(settings: Settings, plan: LayerPlan, device: torch.device, channe
             model = model.to(memory_format=torch.channels_last)
         if use_winograd:
             winograd.convert(model.features)
+        if use_fusion:
+            fusion.fuse_relu_pool(model.features, keep=set(model.index.values()))
         _MODEL_CACHE[key] = model
         while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
             _MODEL_CACHE.popitem(last=False)
@@ -295,35 +306,6 @@ def style_grams(
     return grams, False
 
 
-# ---- memory -----------------------------------------------------------------------------
-def _glibc() -> Any:
-    """glibc's handle (Linux only; musl, macOS and Windows have no malloc_trim)."""
-    if not hasattr(os, "uname") or os.uname().sysname != "Linux":
-        return None
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.malloc_trim  # noqa: B018 - raises AttributeError where it is missing
-        return libc
-    except (OSError, AttributeError):
-        return None
-
-
-_LIBC = _glibc()
-
-
-def release_memory() -> None:
-    """Give the freed heap pages of a finished pyramid scale back to the OS.
-
-    glibc keeps them, and the next, larger scale cannot reuse all of them: trimming at each
-    scale lowered the peak RSS of a default 512 px CPU run (random VGG19, 512x384 content) from
-    1203 MB to 1094 MB, one run each on the same machine. Costs one call a scale.
-    """
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
 # ---- the optimisation -----------------------------------------------------------------------
 def _split_styles(styles: Sequence[StyleInput]) -> list[tuple[ImageInput, float]]:
     if isinstance(styles, (str, bytes, Path, Image.Image)):
@@ -365,6 +347,20 @@ def stylize(
     Raises ImageError / SettingsError / WeightsError for user errors and Cancelled when
     ``should_stop()`` returns True (checked once per optimiser step).
     """
+    memory.keep_freed_memory()  # no page faults from step to step (core/memory.py)
+    try:
+        return _stylize(content, styles, settings, on_progress, should_stop)
+    finally:
+        memory.release()
+
+
+def _stylize(
+    content: ImageInput,
+    styles: Sequence[StyleInput],
+    settings: Settings | None,
+    on_progress: Callable[[Progress], None] | None,
+    should_stop: Callable[[], bool] | None,
+) -> Result:
     s = settings or Settings()
     started = time.perf_counter()
     style_items = _split_styles(styles)
@@ -438,7 +434,7 @@ def stylize(
     restored: list[int] = []  # scales whose best evaluated image replaced a worse last one
 
     for scale_i, ((w, h), iters) in enumerate(zip(sizes, plan_iters, strict=True)):
-        release_memory()
+        memory.release()
         content_t = prep_content(to_tensor(resize(photo, (w, h)), device))
         with torch.no_grad():
             content_feats = fwd(content_t, plan.content)
@@ -584,6 +580,7 @@ def stylize(
         "precision": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
         "channels_last": channels_last,
         "winograd": pick_winograd(s, device),
+        "fused_pooling": pick_fused_pooling(s, device),
         "scales": [list(wh) for wh in sizes],
         "steps": steps_run,
         "restored_best": restored,

@@ -118,6 +118,9 @@ class Settings:
     winograd: bool | None = None
     """3x3 convolutions by Winograd's F(4x4, 3x3) (core/winograd.py): fewer multiplies, same
     result up to fp32 rounding. None = on for fp32 on CPU, where it measured faster."""
+    fused_pooling: bool | None = None
+    """Each ReLU before a max pool fused with it (core/fusion.py): same result, less memory
+    and time in the backward pass. None = on for the CPU (the only device it is made for)."""
     preview_every: int = 10
     """Send a small preview image with every Nth progress event (0 = never)."""
 
@@ -253,8 +256,9 @@ def _check(s: Settings) -> None:
     _choice(s, "precision", ("auto", "fp32", "bf16"))
     if s.channels_last is not None and not isinstance(s.channels_last, bool):
         raise SettingsError("channels_last must be true, false or unset.")
-    if s.winograd is not None and not isinstance(s.winograd, bool):
-        raise SettingsError("winograd must be true, false or unset.")
+    for name in ("winograd", "fused_pooling"):
+        if getattr(s, name) is not None and not isinstance(getattr(s, name), bool):
+            raise SettingsError(f"{name} must be true, false or unset.")
     _int_in(s, "preview_every", 0, 100_000)
     if not isinstance(s.extra, dict):
         raise SettingsError("extra must be a mapping.")

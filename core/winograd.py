@@ -9,10 +9,13 @@ come back as a 4x4 output tile. The transforms are two small GEMMs with fixed Kr
 matrices. The result equals the direct convolution up to fp32 rounding (relative error ~1e-5,
 checked in tests/test_winograd.py and reported as a loss difference by the benchmark).
 
-Style transfer never trains the network, so the transformed filters are computed once per
-layer. The gradient with respect to the input is the exact adjoint of the same computation
-(the same transformed filters, transposed), so L-BFGS sees gradients consistent with the loss.
-Nothing of the input is saved for the backward pass.
+Style transfer never trains the network. The gradient with respect to the input is the exact
+adjoint of the same computation (the same transformed filters, transposed), so L-BFGS sees
+gradients consistent with the loss, and nothing of the input is saved for the backward pass.
+The transformed filters are 4x the size of the filters (205 MB for VGG19 up to conv5_1), so
+they are not kept: each call transforms its layer's filters into a reused scratch buffer with
+one small GEMM (about 1.4 ms for a 512x512 layer, ~2 % of a step), which keeps the model at
+its own size.
 """
 
 from __future__ import annotations
@@ -61,11 +64,28 @@ _OUT = torch.kron(_AT, _AT).float()  # (16, 36)
 TILE, OUT_TILE = 6, 4
 
 
-def transform_filters(weight: torch.Tensor) -> torch.Tensor:
-    """(out, in, 3, 3) filters -> (36, in, out) in the transform domain (G g G^T), in fp64."""
-    u = _G.to(weight.device) @ weight.double() @ _G.T.to(weight.device)  # (out, in, 6, 6)
+_FILTER = torch.kron(_G, _G).float()  # (36, 9): vec(G g G^T) = kron(G, G) vec(g)
+
+
+def filter_taps(weight: torch.Tensor) -> torch.Tensor:
+    """(out, in, 3, 3) filters as (9, in * out): a view for weights stored by ``relayout``."""
     k, c = weight.shape[:2]
-    return u.permute(2, 3, 1, 0).reshape(TILE * TILE, c, k).to(weight.dtype).contiguous()
+    return weight.permute(2, 3, 1, 0).reshape(9, c * k)
+
+
+def relayout(weight: torch.Tensor) -> torch.Tensor:
+    """The same (out, in, 3, 3) filters, stored tap-major so ``filter_taps`` needs no copy."""
+    return weight.permute(2, 3, 1, 0).contiguous().permute(3, 2, 0, 1)
+
+
+def transform_filters(weight: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(out, in, 3, 3) filters -> (36, in, out) in the transform domain (G g G^T)."""
+    k, c = weight.shape[:2]
+    taps = filter_taps(weight)
+    if out is None:
+        out = torch.empty((TILE * TILE, c * k), device=weight.device, dtype=weight.dtype)
+    torch.mm(_FILTER.to(weight.device, weight.dtype), taps, out=out.view(TILE * TILE, c * k))
+    return out.view(TILE * TILE, c, k)
 
 
 # Tiles are processed in bands of rows so that the transform-domain buffers stay small
@@ -80,16 +100,28 @@ def _band_rows(n: int, tiles_wide: int, channels: int) -> int:
 _local = threading.local()
 
 
+def _scratch(name: str, numel: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A reusable per-thread buffer: fresh large allocations cost page faults on every call
+    (glibc maps them anew), and keeping a few is cheap: two band buffers of BAND_ELEMENTS
+    floats and one for the largest layer's transformed filters."""
+    pool = _local.__dict__.setdefault("pool", {})
+    key = (name, device, dtype)
+    found = pool.get(key)
+    if found is None or found.numel() < numel:
+        found = pool[key] = torch.empty(max(numel, BAND_ELEMENTS), device=device, dtype=dtype)
+    return found[:numel]
+
+
 def _buffers(numel: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
-    """Two reusable band buffers per thread: fresh large allocations cost page faults on every
-    call (glibc maps them anew), and keeping them is cheap (2 x BAND_ELEMENTS floats)."""
-    key = (device, dtype)
-    found = getattr(_local, "buffers", {}).get(key)
-    if found is None or found[0].numel() < numel:
-        size = max(numel, BAND_ELEMENTS)
-        found = tuple(torch.empty(size, device=device, dtype=dtype) for _ in range(2))
-        _local.buffers = {key: found}
-    return tuple(b[:numel] for b in found)
+    return _scratch("one", numel, device, dtype), _scratch("two", numel, device, dtype)
+
+
+def _filters(weight: torch.Tensor) -> torch.Tensor:
+    """This layer's transformed filters, in the shared scratch buffer (valid until the next
+    layer's call on this thread)."""
+    k, c = weight.shape[:2]
+    buf = _scratch("filters", TILE * TILE * c * k, weight.device, weight.dtype)
+    return transform_filters(weight, buf)
 
 
 def conv3x3(x: torch.Tensor, filters: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -181,35 +213,32 @@ def conv3x3_adjoint(grad: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, filters, bias):  # type: ignore[override]
-        ctx.filters = filters  # frozen: nothing of the input is kept
-        return conv3x3(x, filters, bias)
+    def forward(ctx, x, weight, bias):  # type: ignore[override]
+        ctx.weight = weight  # frozen: nothing of the input is kept
+        return conv3x3(x, _filters(weight), bias)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        grad_x = conv3x3_adjoint(grad, ctx.filters) if ctx.needs_input_grad[0] else None
-        return grad_x, None, None
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        return conv3x3_adjoint(grad, _filters(ctx.weight)), None, None
 
 
 class WinogradConv2d(nn.Module):
     """A frozen 3x3, stride 1, padding 1 ``nn.Conv2d`` computed by F(4x4, 3x3).
 
     Falls back to the wrapped convolution for anything but fp32 (autocast, other dtypes) or
-    trainable weights, so a model can be moved between devices and precisions freely.
+    trainable weights, so a model can be moved between devices and precisions freely. The
+    wrapped weights are re-laid out tap-major (same values and shape).
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
         super().__init__()
         if not supports(conv):
             raise ValueError(f"Winograd F(4x4, 3x3) does not apply to {conv}")
+        with torch.no_grad():
+            conv.weight.data = relayout(conv.weight.data)
         self.conv = conv
-        self._filters: torch.Tensor | None = None
-
-    def _transformed(self) -> torch.Tensor:
-        w = self.conv.weight.detach()
-        if self._filters is None or self._filters.device != w.device:
-            self._filters = transform_filters(w)
-        return self._filters
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
@@ -220,7 +249,7 @@ class WinogradConv2d(nn.Module):
         ):
             return self.conv(x)
         bias = self.conv.bias.detach() if self.conv.bias is not None else None
-        return _Conv3x3.apply(x, self._transformed(), bias)
+        return _Conv3x3.apply(x, self.conv.weight.detach(), bias)
 
 
 def supports(conv: nn.Module) -> bool:
@@ -236,20 +265,22 @@ def supports(conv: nn.Module) -> bool:
     )
 
 
-# Below this many channels (in or out) the transforms cost more memory traffic than the
-# multiplies they save: VGG19's 64-channel layers ran slower by F(4x4, 3x3) on the 2-core
-# AVX512 machine, the 128-channel ones 1.1-1.8x faster (docs/BENCHMARKS.md).
-MIN_CHANNELS = 128
+# Where the transforms cost more memory traffic than the multiplies they save: per output, the
+# multiplies go with in x out and the transform traffic with in + out. On the 2-core AVX512
+# machine, F(4x4, 3x3) made VGG19's 64 -> 64 layer (conv1_2) 1.2x slower and its 64 -> 128
+# layer (conv2_1) 1.3x faster, the wider ones 1.9-3.4x faster (forward plus input gradient,
+# 512x384 input; docs/BENCHMARKS.md).
+MIN_CHANNEL_PRODUCT = 64 * 128
 
 
-def convert(features: nn.Module, min_channels: int = MIN_CHANNELS) -> int:
+def convert(features: nn.Module, min_product: int = MIN_CHANNEL_PRODUCT) -> int:
     """Swap every eligible 3x3 conv in ``features`` (in place) for WinogradConv2d; returns how
     many were swapped."""
     swapped = 0
     for name, child in list(features.named_children()):
-        if supports(child) and min(child.in_channels, child.out_channels) >= min_channels:
+        if supports(child) and child.in_channels * child.out_channels >= min_product:
             setattr(features, name, WinogradConv2d(child))
             swapped += 1
         elif not isinstance(child, WinogradConv2d):
-            swapped += convert(child, min_channels)
+            swapped += convert(child, min_product)
     return swapped

@@ -89,10 +89,26 @@ def test_convert_swaps_the_wide_vgg19_layers_only() -> None:
         for i, m in enumerate(model.features)
         if isinstance(m, (nn.Conv2d, winograd.WinogradConv2d))
     }
-    assert kinds["conv1_1"] == kinds["conv1_2"] == kinds["conv2_1"] == "Conv2d"
-    assert {kinds[n] for n in ("conv2_2", "conv3_1", "conv4_4", "conv5_1")} == {"WinogradConv2d"}
-    assert swapped == 10
+    assert kinds["conv1_1"] == kinds["conv1_2"] == "Conv2d"
+    wide = ("conv2_1", "conv2_2", "conv3_1", "conv4_4", "conv5_1")
+    assert {kinds[n] for n in wide} == {"WinogradConv2d"}
+    assert swapped == 11
     assert winograd.convert(model.features) == 0  # idempotent
+
+
+def test_converted_model_keeps_its_weights_and_its_size() -> None:
+    # The transformed filters (4x the weights) are made per call, never kept.
+    model = backbones.build("vgg19", None, ["relu5_1"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    winograd.convert(model.features)
+    model(torch.rand(1, 3, 32, 32))
+    after = {k.replace(".conv.", "."): v for k, v in model.state_dict().items()}
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    stored = sum(v.untyped_storage().nbytes() for v in after.values())
+    assert stored == sum(v.untyped_storage().nbytes() for v in before.values())
+    kept = [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+    assert kept == []
 
 
 def test_engine_objective_is_the_same_with_and_without_winograd(
