@@ -484,6 +484,9 @@ def _stylize(
             start = to_tensor(resize(init_img, (w, h)), device)
         image = prep_content(start.clamp(0, 1)).contiguous().requires_grad_(True)
 
+        # Trimmed here, after the targets: the steps then reuse their own freed blocks, and the
+        # peak stays near what is live (one trim per scale, before its first step).
+        memory.release()
         opt, average = _optimizer(s, image)
         # L-BFGS without a line search (neural-style's and crowsonkb's configuration) is not
         # monotone: a poor curvature estimate can throw the image far uphill for a few steps.
@@ -561,6 +564,7 @@ def _stylize(
         else:
             image = _current(image, average).detach()
         best_seen.clear()
+        del opt, closure, average  # this scale's optimiser state, before the next scale
 
     assert image is not None
     out = colour.with_chroma_of(image, photo_t_full) if luminance_mode else image.clamp(0, 1)

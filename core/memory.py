@@ -54,8 +54,9 @@ def keep_freed_memory() -> bool:
 
 
 def release() -> None:
-    """Give freed heap pages back to the OS: between pyramid scales (the next, larger scale
-    cannot reuse all of them; trimming there lowered the peak RSS of a default 512 px run from
-    1203 to 1094 MB) and when a run ends, so an idle worker holds only what it uses."""
+    """Give freed heap pages back to the OS: at each pyramid scale, before its targets and
+    again before its first step (the larger scale cannot reuse all of the smaller one's blocks,
+    nor its steps all of the targets' ones), and when a run ends, so an idle worker holds only
+    what it uses."""
     if _LIBC is not None:
         _LIBC.malloc_trim(0)

@@ -42,7 +42,8 @@ def test_a_run_keeps_freed_memory_and_trims_at_each_scale_and_at_the_end(
         ("mallopt", memory.M_TRIM_THRESHOLD, memory.TRIM_THRESHOLD),
     ]
     trims = [c for c in libc.calls if c[0] == "trim"]
-    assert len(trims) == len(r.metadata["scales"]) + 1  # one per scale, one at the end
+    # At each scale's start and before its first step (after the targets), and at the end.
+    assert len(trims) == 2 * len(r.metadata["scales"]) + 1
     assert libc.calls[-1][0] == "trim"
     engine.stylize(make_image(64, 48), [make_image(64, 48, seed=2)], tiny_settings())
     assert len([c for c in libc.calls if c[0] == "mallopt"]) == 2  # once per process
