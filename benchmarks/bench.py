@@ -276,6 +276,14 @@ class Bench:
                     "engine",
                     self.engine_iter_spec(size, winograd=False),
                 )
+                variants["engine fused pooling off"] = (
+                    "engine",
+                    self.engine_iter_spec(size, fused_pooling=False),
+                )
+                variants["engine heap kept off"] = (
+                    "engine",
+                    {**self.engine_iter_spec(size), "keep_heap": False},
+                )
                 variants["baseline frozen"] = (
                     "baseline",
                     {"size": size, "iterations": n, "frozen": True},
@@ -448,7 +456,7 @@ class Bench:
             f"{default['import_seconds']:.1f} s not), peak RSS {mb(default['peak_rss_mb'])}, "
             f"scales {meta.get('scales')}, steps {meta.get('steps')}, "
             f"precision {meta.get('precision')}, channels_last {meta.get('channels_last')}, "
-            f"winograd {meta.get('winograd')}"
+            f"winograd {meta.get('winograd')}, fused pooling {meta.get('fused_pooling')}"
         )
 
         self.say("\nLevers (on vs off, same run):")
@@ -478,6 +486,11 @@ class Bench:
             row("channels_last", "engine", "engine channels_last off", "on", "off")
             wino = lv["engine"][0]["metadata"].get("winograd")
             row("winograd F(4x4,3x3)", "engine", "engine winograd off", f"{wino} (auto)", "off")
+            fused = lv["engine"][0]["metadata"].get("fused_pooling")
+            row("fused ReLU+pool", "engine", "engine fused pooling off", f"{fused} (auto)", "off")
+            row("heap kept during a run", "engine", "engine heap kept off", "on", "glibc default")
+            for name in ("engine", "engine fused pooling off", "engine heap kept off"):
+                self.say(f"      peak RSS {name}: {mb(max(r['peak_rss_mb'] for r in lv[name]))}")
             row("frozen weights (baseline)", "baseline frozen", "baseline", "frozen", "unfrozen")
         pyr, single, first = tto["pyramid"], tto["single"], tto["default_first"]
         if len(single["steps"]) >= first:

@@ -160,6 +160,18 @@ def _prebuild(settings: Any) -> tuple[float, float | None]:
 
 
 def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: dict) -> dict:
+    from core import memory
+
+    keep = memory.keep_freed_memory
+    if not spec.get("keep_heap", True):  # the allocator lever: glibc's own behaviour
+        memory.keep_freed_memory = lambda: False
+    try:
+        return _engine_run(spec, settings, content, style, out)
+    finally:
+        memory.keep_freed_memory = keep
+
+
+def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: dict) -> dict:
     from core import engine
     from core.errors import Cancelled
 
@@ -187,7 +199,8 @@ def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: 
     if result is not None:
         meta = result.metadata
         out["metadata"] = {
-            k: meta[k] for k in ("precision", "channels_last", "winograd", "scales", "steps")
+            k: meta[k]
+            for k in ("precision", "channels_last", "winograd", "fused_pooling", "scales", "steps")
         }
     continue_iters = spec.get("continue_iterations", 0)
     if target is not None and rec.reached is None and result is not None and continue_iters:

@@ -79,6 +79,7 @@ def test_bench_runs_end_to_end_in_process(capsys: pytest.CaptureFixture[str]) ->
     text = "\n".join(lines)
     for part in ("same objective check", "precision @48", "channels_last @48",
                  "frozen weights (baseline) @48", "pyramid @48", "style-target cache @48",
+                 "winograd F(4x4,3x3) @48", "fused ReLU+pool @48", "heap kept during a run @48",
                  "Default-settings stylization @32"):  # fmt: skip
         assert part in text
 
