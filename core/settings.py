@@ -37,7 +37,7 @@ QUALITY_ITERATIONS: dict[str, int] = {"draft": 8, "standard": 20, "high": 100}
 
 The ratio of first-scale to later-scale iterations is crowsonkb's 1000:500. The absolute numbers
 are a compute budget, not a tuned value: "standard" keeps a 512 px CPU stylization within about
-90 s on two cores (an engine step at 512 px costs ~0.8 s there with Winograd convolutions,
+90 s on two cores (an engine step at 512 px costs ~0.7-0.75 s there with Winograd convolutions,
 ~1.3 s without; see benchmarks/), "high" is for GPUs and patient people.
 """
 
