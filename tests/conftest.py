@@ -76,3 +76,26 @@ def content_png() -> bytes:
 @pytest.fixture
 def style_png() -> bytes:
     return image_bytes(width=64, height=64, seed=2)
+
+
+def losses_off_and_on(
+    tiny_settings: Callable[..., Settings],
+    lever: str,
+    iterations: int,
+    after_off: Callable[[], None] | None = None,
+) -> dict[bool, dict[str, float]]:
+    """The engine's loss terms after ``iterations`` single-scale steps with a boolean setting
+    off, then on (checking the metadata reports it); ``after_off`` runs between the two."""
+    from core import engine
+
+    results: dict[bool, dict[str, float]] = {}
+    for flag in (False, True):
+        s = tiny_settings(
+            **{lever: flag}, iterations=iterations, initial_iterations=iterations, pyramid=False
+        )
+        r = engine.stylize(make_image(64, 48), [make_image(64, 48, seed=3)], s)
+        assert r.metadata[lever] is flag
+        results[flag] = r.metadata["losses"]
+        if not flag and after_off is not None:
+            after_off()
+    return results

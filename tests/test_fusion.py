@@ -10,7 +10,7 @@ from torch import nn
 
 from core import backbones, engine, fusion
 from core.settings import Settings
-from tests.conftest import make_image
+from tests.conftest import losses_off_and_on
 
 
 @pytest.mark.parametrize("channels_last", [False, True])
@@ -97,14 +97,11 @@ def test_engine_uses_it_on_the_cpu_with_the_same_objective(
         return original(ctx, x)
 
     monkeypatch.setattr(fusion._ReluMaxPool, "forward", staticmethod(counted))
-    results = {}
-    for flag in (False, True):
-        s = tiny_settings(fused_pooling=flag, iterations=2, initial_iterations=2, pyramid=False)
-        r = engine.stylize(make_image(64, 48), [make_image(64, 48, seed=3)], s)
-        assert r.metadata["fused_pooling"] is flag
-        results[flag] = r.metadata["losses"]
-        if not flag:
-            assert calls["n"] == 0
+
+    def unused() -> None:
+        assert calls["n"] == 0
+
+    results = losses_off_and_on(tiny_settings, "fused_pooling", 2, after_off=unused)
     assert calls["n"] > 0
     for term, value in results[False].items():
         assert results[True][term] == pytest.approx(value, rel=1e-5)

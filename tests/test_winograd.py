@@ -10,7 +10,7 @@ from torch import nn
 
 from core import backbones, engine, winograd
 from core.settings import Settings
-from tests.conftest import make_image
+from tests.conftest import losses_off_and_on
 
 
 def _pair(c: int, k: int, seed: int = 0) -> tuple[nn.Conv2d, winograd.WinogradConv2d]:
@@ -126,14 +126,11 @@ def test_engine_objective_is_the_same_with_and_without_winograd(
 
     monkeypatch.setattr(winograd, "conv3x3", counting(winograd.conv3x3, "forward"))
     monkeypatch.setattr(winograd, "conv3x3_adjoint", counting(winograd.conv3x3_adjoint, "adjoint"))
-    results = {}
-    for flag in (False, True):
-        s = tiny_settings(winograd=flag, iterations=1, initial_iterations=1, pyramid=False)
-        r = engine.stylize(make_image(64, 48), [make_image(64, 48, seed=3)], s)
-        assert r.metadata["winograd"] is flag
-        results[flag] = r.metadata["losses"]
-        if not flag:
-            assert calls == {"forward": 0, "adjoint": 0}
+
+    def unused() -> None:
+        assert calls == {"forward": 0, "adjoint": 0}
+
+    results = losses_off_and_on(tiny_settings, "winograd", 1, after_off=unused)
     assert calls["forward"] > 0 and calls["adjoint"] > 0  # the engine really used it
     for term, value in results[False].items():
         assert results[True][term] == pytest.approx(value, rel=1e-4)
