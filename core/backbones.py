@@ -9,7 +9,7 @@ computes or keeps anything for them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -203,8 +203,13 @@ class FeatureExtractor(nn.Module):
         return (x - self.mean) / self.std
 
     def forward(
-        self, x: torch.Tensor, layers: Sequence[str] | None = None
+        self,
+        x: torch.Tensor,
+        layers: Sequence[str] | None = None,
+        tap: Callable[[str, torch.Tensor], None] | None = None,
     ) -> dict[str, torch.Tensor]:
+        """The activations of ``layers`` (default: all asked for at construction); ``tap`` is
+        called with each one as soon as it exists, before the deeper layers run."""
         wanted = set(self.layers if layers is None else layers)
         stop = max(self.index[n] for n in wanted)
         want_idx = {self.index[n]: n for n in wanted}
@@ -214,6 +219,8 @@ class FeatureExtractor(nn.Module):
             h = module(h)
             if i in want_idx:
                 out[want_idx[i]] = h
+                if tap is not None:
+                    tap(want_idx[i], h)
             if i >= stop:
                 break
         return out

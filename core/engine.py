@@ -13,7 +13,7 @@ import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -25,7 +25,16 @@ from torch import nn
 
 from . import backbones, colour, fusion, images, memory, winograd
 from .errors import Cancelled, ImageError, SettingsError
-from .losses import ContentLoss, LayerApply, Scale, StyleLoss, SumLoss, TVLoss, gram
+from .losses import (
+    ContentLoss,
+    LayerApply,
+    Scale,
+    StyleLoss,
+    SumLoss,
+    TVLoss,
+    gram,
+    gram_key,
+)
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -272,14 +281,29 @@ class Forward:
         )
 
     def __call__(
-        self, x: torch.Tensor, layers: Sequence[str] | None = None
+        self, x: torch.Tensor, layers: Sequence[str] | None = None, grams: Collection[str] = ()
     ) -> dict[str, torch.Tensor]:
+        """Activations by layer name, plus the Gram matrix of each layer in ``grams`` under
+        ``gram_key(layer)``. Each Gram is taken as soon as its layer exists, so autograd (which
+        runs the most recently created nodes first) computes its gradient only when the backward
+        pass reaches that layer, instead of holding every style layer's gradient through the
+        whole backward pass (about 70 MB at 512 px)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        taken: dict[str, torch.Tensor] = {}
+
+        def take_gram(name: str, h: torch.Tensor) -> None:
+            if name in grams:
+                with torch.autocast(self.device.type, enabled=False):  # Grams stay float32
+                    taken[gram_key(name)] = gram(h)
+
         if self.dtype is None:
-            return self.model(x, layers)
-        with torch.autocast(self.device.type, dtype=self.dtype):
-            return self.model(x, layers)
+            feats = self.model(x, layers, take_gram if grams else None)
+        else:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                feats = self.model(x, layers, take_gram if grams else None)
+        feats.update(taken)
+        return feats
 
 
 def style_grams(
@@ -462,12 +486,12 @@ def _stylize(
                     mixed[n] = mixed[n] + grams[n] * share if n in mixed else grams[n] * share
             else:
                 style_terms += [
-                    Scale(LayerApply(StyleLoss(grams[n]), n), s.style_weight * lw * share)
+                    Scale(LayerApply(StyleLoss(grams[n]), gram_key(n)), s.style_weight * lw * share)
                     for n, lw in zip(plan.style, plan.style_weights, strict=True)
                 ]
         if s.style_blend == "gram":
             style_terms = [
-                Scale(LayerApply(StyleLoss(mixed[n]), n), s.style_weight * lw)
+                Scale(LayerApply(StyleLoss(mixed[n]), gram_key(n)), s.style_weight * lw)
                 for n, lw in zip(plan.style, plan.style_weights, strict=True)
             ]
         tv_terms = [Scale(LayerApply(TVLoss(), "input"), s.tv_weight)]
@@ -498,7 +522,7 @@ def _stylize(
             opt=opt, image=image, objective=objective, best_seen=best_seen, track=average is None
         ) -> torch.Tensor:
             opt.zero_grad(set_to_none=True)
-            feats = fwd(image)
+            feats = fwd(image, grams=plan.style)
             feats["input"] = image
             loss = objective(feats)
             loss.backward()

@@ -27,6 +27,33 @@ from torch import nn
 Features = Mapping[str, torch.Tensor]
 
 
+class _Gram(torch.autograd.Function):
+    """``mat^T mat / n`` (or ``mat mat^T / n``) with a one-product backward.
+
+    Autograd's own backward for the product takes two products and a sum, three temporaries
+    the size of the activation at once (about 150 MB for relu1_1 at 512 px, the step's memory
+    peak); the Gram is symmetric, so one product with ``dG + dG^T`` gives the same gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, mat: torch.Tensor, positions_first: bool, n: int) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(mat)
+        ctx.positions_first, ctx.n = positions_first, n
+        product = (
+            torch.bmm(mat.transpose(1, 2), mat)
+            if positions_first
+            else torch.bmm(mat, mat.transpose(1, 2))
+        )
+        return product.div_(n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+        (mat,) = ctx.saved_tensors
+        sym = (grad + grad.transpose(1, 2)).div_(ctx.n)
+        return (torch.bmm(mat, sym) if ctx.positions_first else torch.bmm(sym, mat)), None, None
+
+
 def gram(features: torch.Tensor) -> torch.Tensor:
     """Gram matrix of a (B, C, H, W) activation, divided by H*W, in float32."""
     b, c, h, w = features.shape
@@ -34,10 +61,8 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     if f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous():
         # (B, H*W, C) is a view of a channels_last tensor; reshaping to (B, C, H*W) would copy
         # the whole activation (and its gradient) every step.
-        mat = f.permute(0, 2, 3, 1).reshape(b, h * w, c)
-        return torch.bmm(mat.transpose(1, 2), mat) / (h * w)
-    mat = f.reshape(b, c, h * w)
-    return torch.bmm(mat, mat.transpose(1, 2)) / (h * w)
+        return _Gram.apply(f.permute(0, 2, 3, 1).reshape(b, h * w, c), True, h * w)
+    return _Gram.apply(f.reshape(b, c, h * w), False, h * w)
 
 
 def scaled_mse(input: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -58,14 +83,22 @@ class ContentLoss(nn.Module):
 
 
 class StyleLoss(nn.Module):
-    """Distance between Gram matrices (the target is a Gram, possibly a blend of several)."""
+    """Distance between Gram matrices (the target is a Gram, possibly a blend of several).
+
+    Takes an activation (B, C, H, W) or its Gram (B, C, C) already taken, as the engine does
+    during the forward pass (feature key ``gram_key(layer)``)."""
 
     def __init__(self, target_gram: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("target", target_gram.detach().float())
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return scaled_mse(gram(input), self.target)
+        return scaled_mse(input if input.dim() == 3 else gram(input), self.target)
+
+
+def gram_key(layer: str) -> str:
+    """Feature-dict key of a layer's Gram matrix (see ``StyleLoss``)."""
+    return f"{layer}:gram"
 
 
 class TVLoss(nn.Module):

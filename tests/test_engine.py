@@ -9,10 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from core import Cancelled, ImageError, SettingsError, WeightsError, engine, stylize
+from core import Cancelled, ImageError, SettingsError, WeightsError, backbones, engine, stylize
 from core.backbones import random_state_dict
 from core.colour import rgb_to_ycbcr
 from core.engine import pyramid, to_tensor
+from core.losses import gram, gram_key
 from core.settings import Settings
 from tests.conftest import image_bytes, make_image
 
@@ -287,3 +288,22 @@ def test_lbfgs_scale_ends_on_its_best_image_after_going_uphill(
     assert max(seen) > seen[0]  # it really went uphill
     assert r.metadata["restored_best"] == [1]
     assert r.metadata["losses"]["total"] == pytest.approx(min(seen))
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_grams_are_taken_during_the_forward_pass_and_differentiated_just_in_time(dtype) -> None:
+    """The shallow Gram's backward must wait until the backward pass reaches its layer (it
+    would otherwise hold a full-resolution gradient through the whole pass)."""
+    model = backbones.build("vgg19", None, ["relu1_1", "relu2_1"])
+    fwd = engine.Forward(model, torch.device("cpu"), dtype, channels_last=True)
+    x = torch.rand(1, 3, 16, 16, requires_grad=True)
+    feats = fwd(x, grams=["relu1_1", "relu2_1"])
+    for name in ("relu1_1", "relu2_1"):
+        g = feats[gram_key(name)]
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, gram(feats[name].float()))
+    order: list[str] = []
+    for key in (gram_key("relu1_1"), gram_key("relu2_1"), "relu2_1"):
+        feats[key].grad_fn.register_hook(lambda *_, key=key: order.append(key))
+    (feats[gram_key("relu1_1")].sum() + feats[gram_key("relu2_1")].sum()).backward()
+    assert order == [gram_key("relu2_1"), "relu2_1", gram_key("relu1_1")]

@@ -106,3 +106,21 @@ def test_gram_of_channels_last_features_equals_contiguous() -> None:
     gram(a).square().sum().backward()
     gram(b).square().sum().backward()
     torch.testing.assert_close(b.grad, a.grad)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gram_gradient_matches_autograd_of_the_plain_product(channels_last: bool) -> None:
+    x = torch.rand(2, 5, 6, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weights = torch.rand(2, 5, 5, dtype=torch.float64)  # not symmetric: both halves must count
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (gram(a) * weights).sum().backward()
+    mat = b.reshape(2, 5, 42)
+    (torch.bmm(mat, mat.transpose(1, 2)) / 42 * weights).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_style_loss_takes_an_activation_or_its_gram() -> None:
+    x, target = torch.rand(1, 4, 6, 6), gram(torch.rand(1, 4, 6, 6))
+    assert StyleLoss(target)(gram(x)).item() == pytest.approx(StyleLoss(target)(x).item())
