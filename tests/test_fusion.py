@@ -58,8 +58,9 @@ def test_fusing_vgg19_keeps_less_for_the_backward_pass_and_changes_nothing() -> 
     assert fusion.fuse_relu_pool(fused.features, keep=set(fused.index.values())) == 4
     x = torch.rand(1, 3, 64, 48, requires_grad=True)
     before, after = _saved_bytes(plain, x), _saved_bytes(fused, x)
-    # relu1_2, relu2_2, relu3_4 and relu4_4 (and the int64 pool indices of each) were kept.
-    assert after < 0.8 * before
+    # relu1_2, relu2_2, relu3_4 and relu4_4 and the int64 pool indices of each were kept; now
+    # one byte per pooled output (0.55x in all; 0.71x with int64 indices and a mask).
+    assert after < 0.6 * before
     out1, out2 = plain(x), fused(x)
     for name in layers:
         torch.testing.assert_close(out2[name], out1[name], rtol=0, atol=0)
