@@ -25,6 +25,7 @@ from torch import nn
 
 from . import backbones, colour, fusion, images, memory, winograd
 from .errors import Cancelled, ImageError, SettingsError
+from .lbfgs import LBFGS
 from .losses import (
     ContentLoss,
     LayerApply,
@@ -521,7 +522,7 @@ def _stylize(
         def closure(
             opt=opt, image=image, objective=objective, best_seen=best_seen, track=average is None
         ) -> torch.Tensor:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=False)  # one gradient buffer for the whole scale
             feats = fwd(image, grams=plan.style)
             feats["input"] = image
             loss = objective(feats)
@@ -623,11 +624,12 @@ def _stylize(
 
 def _optimizer(
     s: Settings, image: torch.Tensor
-) -> tuple[torch.optim.Optimizer, torch.Tensor | None]:
+) -> tuple[LBFGS | torch.optim.Optimizer, torch.Tensor | None]:
     """The optimiser for one scale, and Adam's iterate average (None for L-BFGS)."""
     if s.optimizer == "lbfgs":
         # One function evaluation per step, history 10 [crowsonkb]; lr 1 is L-BFGS's own.
-        return torch.optim.LBFGS([image], lr=1, max_iter=1, history_size=s.lbfgs_history), None
+        # torch.optim.LBFGS's arithmetic with preallocated state (see core/lbfgs.py).
+        return LBFGS(image, lr=1, history_size=s.lbfgs_history), None
     # The average starts at the first iterate, a meaningful image, so it needs no bias correction.
     return torch.optim.Adam([image], lr=s.learning_rate), image.detach().clone()
 
