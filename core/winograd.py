@@ -9,11 +9,9 @@ come back as a 4x4 output tile. The transforms are two small GEMMs with fixed Kr
 matrices. The result equals the direct convolution up to fp32 rounding (relative error ~1e-5,
 checked in tests/test_winograd.py and reported as a loss difference by the benchmark).
 
-Style transfer never trains the network, so nothing of the input is saved for the backward
-pass: the gradient with respect to the input is the convolution of the output's gradient with
-the same filters rotated by 180 degrees and transposed, computed the same way (the rotation
-reverses the order of the taps in the filter transform). It equals the direct convolution's
-gradient up to fp32 rounding, as the forward pass does.
+Style transfer never trains the network. The gradient with respect to the input is the exact
+adjoint of the same computation (the same transformed filters, transposed), so L-BFGS sees
+gradients consistent with the loss, and nothing of the input is saved for the backward pass.
 The transformed filters are 4x the size of the filters (205 MB for VGG19 up to conv5_1), so
 they are not kept: each call transforms its layer's filters (``G g G^T``, one small GEMM, about
 1.4 ms for a 512x512 layer, ~2 % of a step) half of the taps at a time into a reused
@@ -67,7 +65,6 @@ TILE, OUT_TILE = 6, 4
 
 
 _FILTER = torch.kron(_G, _G).float()  # (36, 9): vec(G g G^T) = kron(G, G) vec(g), per tap
-_FILTER_FLIPPED = _FILTER.flip(1)  # the same for the 180-degree rotated filter (taps reversed)
 
 
 def filter_taps(weight: torch.Tensor) -> torch.Tensor:
@@ -114,39 +111,32 @@ def _buffers(numel: int, device: torch.device, dtype: torch.dtype) -> tuple[torc
 TAP_GROUP = 18
 
 
-def _filters(weight: torch.Tensor, first: int, flipped: bool) -> torch.Tensor:
+def _filters(weight: torch.Tensor, first: int) -> torch.Tensor:
     """Transformed filters of taps ``first ... first + TAP_GROUP - 1``, (TAP_GROUP, in, out), in
-    a shared scratch buffer (valid until the next call on this thread). ``flipped`` transforms
-    the filters rotated by 180 degrees (the taps in reverse order)."""
+    a shared scratch buffer (valid until the next call on this thread)."""
     k, c = weight.shape[:2]
     buf = _scratch("filters", TAP_GROUP * c * k, weight.device, weight.dtype)
-    rows = (_FILTER_FLIPPED if flipped else _FILTER)[first : first + TAP_GROUP]
-    torch.mm(
-        rows.to(weight.device, weight.dtype), filter_taps(weight), out=buf.view(TAP_GROUP, c * k)
-    )
+    rows = _FILTER[first : first + TAP_GROUP].to(weight.device, weight.dtype)
+    torch.mm(rows, filter_taps(weight), out=buf.view(TAP_GROUP, c * k))
     return buf.view(TAP_GROUP, c, k)
 
 
-def _products(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, flipped: bool) -> None:
-    """``out[t] = a[t] @ U[t]`` for all 36 taps, where ``U`` are the transformed filters (of
-    the flipped, transposed filters if ``flipped``): the convolution proper, one batched GEMM per
-    tap group."""
+def _products(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, adjoint: bool) -> None:
+    """``out[t] = a[t] @ U[t]`` (or ``U[t]^T`` for the adjoint) for all 36 taps, where ``U`` are
+    the transformed filters: the convolution proper, one batched GEMM per tap group."""
     for first in range(0, TILE * TILE, TAP_GROUP):
-        u = _filters(weight, first, flipped)
+        u = _filters(weight, first)
         taps = slice(first, first + TAP_GROUP)
-        torch.bmm(a[taps], u.transpose(1, 2) if flipped else u, out=out[taps])
+        torch.bmm(a[taps], u.transpose(1, 2) if adjoint else u, out=out[taps])
 
 
-def conv3x3(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, flipped: bool = False
-) -> torch.Tensor:
-    """``F.conv2d(x, weight, bias, padding=1)`` (weights best stored by ``relayout``), or with
-    ``flipped``, the convolution with ``weight.flip(2, 3).transpose(0, 1)``.
+def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.conv2d(x, weight, bias, padding=1)`` (weights best stored by ``relayout``).
 
     The result is channels_last (as the backbone's activations are); ``x`` may be either layout.
     """
     n, c, h, w = x.shape
-    k = weight.shape[1] if flipped else weight.shape[0]
+    k = weight.shape[0]
     th, tw = -(-h // OUT_TILE), -(-w // OUT_TILE)
     b_in, b_out = _IN.to(x.device, x.dtype), _OUT.to(x.device, x.dtype)
     # Zero padding: 1 for the convolution, plus whatever completes the last tile.
@@ -167,7 +157,7 @@ def conv3x3(
         v = two[: TILE * TILE * tiles * c].view(TILE * TILE, -1)
         torch.mm(b_in, d.view(TILE * TILE, -1), out=v)
         m = one[: TILE * TILE * tiles * k].view(TILE * TILE, tiles, k)
-        _products(v.view(TILE * TILE, tiles, c), weight, m, flipped)
+        _products(v.view(TILE * TILE, tiles, c), weight, m, adjoint=False)
         t = two[: 16 * tiles * k].view(16, -1)
         torch.mm(b_out, m.view(TILE * TILE, -1), out=t)
         t = t.view(4, 4, n, tr, tw, k)
@@ -186,10 +176,44 @@ def conv3x3(
 
 
 def conv3x3_adjoint(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``conv3x3`` with respect to its input: the convolution of ``grad`` with
-    the filters rotated by 180 degrees and transposed (same padding), by the same algorithm. The
-    rotation is a reordering of the taps, so it needs no second copy of the weights."""
-    return conv3x3(grad, weight, None, flipped=True)
+    """The gradient of ``conv3x3`` with respect to its input: the exact adjoint of its linear
+    map (output tiles -> transform domain by A, filters transposed, back by B, overlapping input
+    tiles summed), so it needs no second set of transformed filters."""
+    n, k, h, w = grad.shape
+    c = weight.shape[1]
+    th, tw = -(-h // OUT_TILE), -(-w // OUT_TILE)
+    a_out_t, b_in_t = _OUT.T.to(grad.device, grad.dtype), _IN.T.to(grad.device, grad.dtype)
+    g = grad.permute(0, 2, 3, 1)
+    acc = torch.zeros((n, th + 1, 4, tw + 1, 4, c), device=grad.device, dtype=grad.dtype)
+    step = _band_rows(n, tw, max(c, k))
+    for r0 in range(0, th, step):
+        tr = min(step, th - r0)
+        rows = min(h - 4 * r0, 4 * tr)
+        tiles = n * tr * tw
+        one, two = _buffers(TILE * TILE * tiles * max(c, k), grad.device, grad.dtype)
+        t = F.pad(g[:, 4 * r0 : 4 * r0 + rows], (0, 0, 0, tw * 4 - w, 0, tr * 4 - rows))
+        gt = one[: 16 * tiles * k].view(4, 4, n, tr, tw, k)
+        gt.copy_(t.view(n, tr, 4, tw, 4, k).permute(2, 4, 0, 1, 3, 5))
+        m = two[: TILE * TILE * tiles * k].view(TILE * TILE, -1)
+        torch.mm(a_out_t, gt.view(16, -1), out=m)
+        v = one[: TILE * TILE * tiles * c].view(TILE * TILE, tiles, c)
+        _products(m.view(TILE * TILE, tiles, k), weight, v, adjoint=True)  # (36, tiles, in)
+        t = two[: TILE * TILE * tiles * c].view(TILE * TILE, -1)
+        torch.mm(b_in_t, v.view(TILE * TILE, -1), out=t)
+        t = t.view(6, 6, n, tr, tw, c)
+        d = t.permute(2, 3, 0, 4, 1, 5)  # n tr 6 tw 6 c
+        # Overlap-add: tile rows/cols 0-3 land in their own 4x4 block, 4-5 in the next one's 0-1.
+        a = acc[:, r0 : r0 + tr + 1]
+        a[:, :tr, :, :tw] += d[:, :, :4, :, :4]
+        a[:, 1:, :2, :tw] += d[:, :, 4:, :, :4]
+        a[:, :tr, :, 1:, :2] += d[:, :, :4, :, 4:]
+        a[:, 1:, :2, 1:, :2] += d[:, :, 4:, :, 4:]
+    full = acc.view(n, 4 * th + 4, 4 * tw + 4, c)[:, 1 : 1 + h, 1 : 1 + w]  # drop the padding
+    out = torch.empty(
+        (n, c, h, w), device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last
+    )
+    out.permute(0, 2, 3, 1).copy_(full)
+    return out
 
 
 class _Conv3x3(torch.autograd.Function):
