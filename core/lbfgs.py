@@ -2,8 +2,9 @@
 its state in buffers allocated once.
 
 It computes what ``torch.optim.LBFGS(params, lr, max_iter=1, history_size=m)`` computes (the
-configuration of neural-style and crowsonkb/style-transfer-pytorch), with the same operations
-in the same order, so the iterates are identical (``tests/test_lbfgs.py``).
+engine's configuration: one evaluation per step, no line search; see ``core/settings.py`` for
+where it comes from), with the same operations in the same order, so the iterates are identical
+(``tests/test_lbfgs.py``).
 
 Why not torch's own: it allocates its history vectors, search direction and gradient copy anew
 on every step, and each of those image-sized blocks outlives the step, so it lands in another
