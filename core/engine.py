@@ -138,8 +138,9 @@ def pick_winograd(settings: Settings, device: torch.device) -> bool:
 
 
 def pick_fused_pooling(settings: Settings, device: torch.device) -> bool:
-    """ReLU + max pool fused (core/fusion.py) on the CPU only: its backward passes an unwritten
-    full-size tensor for the shape, free there but a real allocation on a GPU."""
+    """ReLU + max pool fused (core/fusion.py) on the CPU only: it was measured there (less
+    memory at about the same speed); on a GPU its Python-level backward (four strided kernels
+    instead of one) was never timed, so cuDNN's own pooling stays."""
     if settings.fused_pooling is not None:
         return settings.fused_pooling
     return device.type == "cpu"
