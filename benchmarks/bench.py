@@ -495,10 +495,12 @@ class Bench:
         pyr, single, first = tto["pyramid"], tto["single"], tto["default_first"]
         if len(single["steps"]) >= first:
             at = single["steps"][first - 1]
+            final = pyr.get("final_loss", pyr["steps"][-1]["loss"])
             self.say(
-                f"  pyramid @{p.ref_size}, default budget: on {pyr['wall_seconds']:.1f} s, final "
-                f"loss {pyr['steps'][-1]['loss']:.6g} vs off ({first} steps at full size) "
-                f"{at['elapsed']:.1f} s, loss {at['loss']:.6g} ({rel(at['loss'], pyr['steps'][-1]['loss'])})"
+                f"  pyramid @{p.ref_size}, default budget: on {pyr['wall_seconds']:.1f} s, "
+                f"result's loss {final:.6g} (last step {pyr['steps'][-1]['loss']:.6g}) vs off "
+                f"({first} steps at full size) {at['elapsed']:.1f} s, loss {at['loss']:.6g} "
+                f"({rel(at['loss'], final)})"
             )
         first_run, warm, cleared = cache["runs"]
         same = warm["image_digest"] == cleared["image_digest"]

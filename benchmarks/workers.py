@@ -198,6 +198,9 @@ def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, o
     out["reached"] = rec.reached
     if result is not None:
         meta = result.metadata
+        # What the user gets: the engine returns a scale's best evaluated image when its last
+        # step went uphill, so this can be below the last step's loss.
+        out["final_loss"] = meta["losses"]["total"]
         out["metadata"] = {
             k: meta[k]
             for k in ("precision", "channels_last", "winograd", "fused_pooling", "scales", "steps")

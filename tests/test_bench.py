@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,9 @@ def test_bench_runs_end_to_end_in_process(capsys: pytest.CaptureFixture[str]) ->
                  "winograd F(4x4,3x3) @48", "fused ReLU+pool @48", "heap kept during a run @48",
                  "Default-settings stylization @32"):  # fmt: skip
         assert part in text
+    assert re.search(
+        r"pyramid @48, default budget: on [\d.]+ s, result's loss [\d.e-]+ \(last", text
+    )
 
 
 @pytest.mark.slow
