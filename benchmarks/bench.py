@@ -268,18 +268,15 @@ class Bench:
                     "engine",
                     self.engine_iter_spec(size, precision=other),
                 )
-                variants["engine channels_last off"] = (
-                    "engine",
-                    self.engine_iter_spec(size, channels_last=False),
-                )
-                variants["engine winograd off"] = (
-                    "engine",
-                    self.engine_iter_spec(size, winograd=False),
-                )
-                variants["engine fused pooling off"] = (
-                    "engine",
-                    self.engine_iter_spec(size, fused_pooling=False),
-                )
+                for label, setting in (
+                    ("channels_last", "channels_last"),
+                    ("winograd", "winograd"),
+                    ("fused pooling", "fused_pooling"),
+                ):
+                    variants[f"engine {label} off"] = (
+                        "engine",
+                        self.engine_iter_spec(size, **{setting: False}),
+                    )
                 variants["engine heap kept off"] = (
                     "engine",
                     {**self.engine_iter_spec(size), "keep_heap": False},

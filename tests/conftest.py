@@ -23,26 +23,27 @@ def vgg19_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def settings_for(checkpoint: Path, **changes) -> Settings:
+    """Settings for fast end-to-end runs on tiny images through the real checkpoint loader."""
+    base = dict(
+        size=64,
+        min_size=32,
+        iterations=6,
+        backbone="vgg19",
+        weights=str(checkpoint),
+        device="cpu",
+        precision="fp32",
+        early_stop=0.0,
+        preview_every=0,
+    )
+    base.update(changes)
+    return Settings(**base)
+
+
 @pytest.fixture
 def tiny_settings(vgg19_checkpoint: Path) -> Callable[..., Settings]:
-    """Settings for fast end-to-end runs on tiny images through the real checkpoint loader."""
-
-    def make(**changes) -> Settings:
-        base = dict(
-            size=64,
-            min_size=32,
-            iterations=6,
-            backbone="vgg19",
-            weights=str(vgg19_checkpoint),
-            device="cpu",
-            precision="fp32",
-            early_stop=0.0,
-            preview_every=0,
-        )
-        base.update(changes)
-        return Settings(**base)
-
-    return make
+    """``settings_for`` the session's random checkpoint."""
+    return lambda **changes: settings_for(vgg19_checkpoint, **changes)
 
 
 def make_image(width: int = 64, height: int = 48, mode: str = "RGB", seed: int = 0) -> Image.Image:

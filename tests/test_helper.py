@@ -33,7 +33,7 @@ from core.jobs import RunnerConfig
 from core.settings import QUALITY_ITERATIONS, Settings
 from gimp_plugin import install as installer
 
-from .conftest import image_bytes
+from .conftest import image_bytes, settings_for
 
 TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -56,17 +56,7 @@ pc = _load_client()
 
 
 def _settings_for(checkpoint: Path) -> Settings:
-    return Settings(
-        size=48,
-        min_size=32,
-        iterations=4,
-        backbone="vgg19",
-        weights=str(checkpoint),
-        device="cpu",
-        precision="fp32",
-        early_stop=0.0,
-        preview_every=0,
-    )
+    return settings_for(checkpoint, size=48, iterations=4)
 
 
 @pytest.fixture
