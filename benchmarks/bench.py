@@ -331,6 +331,16 @@ class Bench:
             target=target,
             continue_iterations=p.cap,
         )
+        # Reduced precision makes steps cheaper but noisier: only the time to the same
+        # objective says whether the precision the engine picks pays off.
+        other = self.other_precision()
+        other_pyr = self.measure(
+            f"engine default pyramid, {other} @{p.ref_size}",
+            "engine",
+            settings={"size": p.ref_size, "precision": other},
+            target=target,
+            continue_iterations=p.cap,
+        )
         from core.settings import Settings
 
         default_first = Settings().first_iterations
@@ -346,7 +356,7 @@ class Bench:
             min_steps=default_first,
         )  # fmt: skip
         return {"ref": ref, "target": target, "pyramid": pyr, "single": single,
-                "default_first": default_first}  # fmt: skip
+                "other_precision": (other, other_pyr), "default_first": default_first}  # fmt: skip
 
     def run(self) -> int:
         p = self.plan
@@ -412,17 +422,21 @@ class Bench:
             "step of its size, setup left out: the least sensitive to other load)"
         )
         self.say(f"  baseline: step {base['step']}: {self.times(base)}")
-        rows = [("engine (default pyramid, then final scale)", tto["pyramid"]),
-                ("engine (single scale)", tto["single"])]  # fmt: skip
+        other, other_pyr = tto["other_precision"]
+        rows = [("engine (default pyramid, then final scale)", tto["pyramid"], True),
+                ("engine (single scale)", tto["single"], True),
+                (f"engine in {other} (default pyramid, then final scale)", other_pyr, False)]  # fmt: skip
         tto_lines: list[str] = []
-        for name, r in rows:
+        hits: dict[int, float] = {}
+        for i, (name, r, counts) in enumerate(rows):
             hit = reach(r, target)
             if hit is None:
                 steps = len(timeline(r))
                 self.say(f"  {name}: did NOT reach it within {steps} steps")
-                if not tto_lines:
+                if counts and not tto_lines:
                     tto_lines = [f"engine did not reach the baseline's objective in {steps} steps"]
                 continue
+            hits[i] = hit["elapsed"]
             where = "within its run" if hit["phase"] == "first" else "after continuing"
             ratios = self.speedups(base, hit)
             self.say(
@@ -430,7 +444,7 @@ class Bench:
                 f"{self.times(hit)}; faster by {ratios['wall']} (wall), {ratios['cpu']} (CPU), "
                 f"{ratios['estimate']} (estimate)"
             )
-            if not tto_lines:
+            if counts and not tto_lines:
                 tto_lines = [ratios["estimate"], ratios["cpu"], ratios["wall"]]
         note = (
             ""
@@ -480,6 +494,15 @@ class Bench:
                     f"      fp32 objective of the 8-bit outputs: {a:.6g} ({auto}) vs "
                     f"{b:.6g} ({other}), {rel(b, a)}"
                 )
+            picked = tto["pyramid"].get("metadata", {}).get("precision", auto)
+            if 0 in hits and 2 in hits:
+                self.say(
+                    f"      to the objective @{p.ref_size} (default pyramid, then final scale): "
+                    f"{picked} (auto) {hits[0]:.1f} s vs {other} {hits[2]:.1f} s "
+                    f"({hits[2] / hits[0]:.2f}x)"
+                )
+            else:
+                self.say(f"      to the objective @{p.ref_size}: not reached by both precisions")
             row("channels_last", "engine", "engine channels_last off", "on", "off")
             wino = lv["engine"][0]["metadata"].get("winograd")
             row("winograd F(4x4,3x3)", "engine", "engine winograd off", f"{wino} (auto)", "off")

@@ -86,6 +86,11 @@ def test_bench_runs_end_to_end_in_process(capsys: pytest.CaptureFixture[str]) ->
     assert re.search(
         r"pyramid @48, default budget: on [\d.]+ s, result's loss [\d.e-]+ \(last", text
     )
+    # The precision the engine does not pick also runs to the objective, as its own row.
+    other = "bf16" if "precision @48: float32" in text or "precision @48: fp32" in text else "fp32"
+    assert f"engine default pyramid, {other} @48: " in text
+    assert f"  engine in {other} (default pyramid, then final scale): " in text
+    assert re.search(r"to the objective @48( \(default pyramid.*\): .* vs .* s \(|: not)", text)
 
 
 @pytest.mark.slow
