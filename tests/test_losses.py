@@ -121,6 +121,28 @@ def test_gram_gradient_matches_autograd_of_the_plain_product(channels_last: bool
     torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gram_of_bf16_features_is_exact_and_keeps_only_the_bf16_activation(
+    channels_last: bool,
+) -> None:
+    """Autocast gives bf16 activations: the Gram is taken in float32 (exactly that of the same
+    values), the backward gets by with the bf16 activation (no float32 copy kept) and returns
+    the float32 gradient to bf16 precision."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 16, 12).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(1, 8, 8)  # not symmetric
+    a, b = x.clone().requires_grad_(), x.float().requires_grad_()
+    ga, gb = gram(a), gram(b)
+    torch.testing.assert_close(ga, gb, rtol=1e-6, atol=1e-6)
+    assert [t.dtype for t in ga.grad_fn.saved_tensors] == [torch.bfloat16]
+    (ga * weights).sum().backward()
+    (gb * weights).sum().backward()
+    assert a.grad is not None and b.grad is not None and a.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(a.grad.float(), b.grad, rtol=2e-2, atol=1e-3)
+
+
 def test_style_loss_takes_an_activation_or_its_gram() -> None:
     x, target = torch.rand(1, 4, 6, 6), gram(torch.rand(1, 4, 6, 6))
     assert StyleLoss(target)(gram(x)).item() == pytest.approx(StyleLoss(target)(x).item())
