@@ -234,9 +234,10 @@ def load_model(settings: Settings, plan: LayerPlan, device: torch.device, channe
     mtime = os.path.getmtime(path) if path else 0.0
     use_winograd = pick_winograd(settings, device)
     use_fusion = pick_fused_pooling(settings, device)
+    dtype = pick_precision(settings, device)
     key = (
         settings.backbone, source, mtime, normalization, str(device), layers, channels_last,
-        use_winograd, use_fusion,
+        use_winograd, use_fusion, dtype,
     )  # fmt: skip
     model = _MODEL_CACHE.get(key)
     if model is None:
@@ -255,12 +256,24 @@ def load_model(settings: Settings, plan: LayerPlan, device: torch.device, channe
             winograd.convert(model.features)
         if use_fusion:
             fusion.fuse_relu_pool(model.features, keep=set(model.index.values()))
+        if dtype is not None:
+            store_weights_in(model, dtype)
         _MODEL_CACHE[key] = model
         while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
             _MODEL_CACHE.popitem(last=False)
     else:
         _MODEL_CACHE.move_to_end(key)
     return model, source
+
+
+def store_weights_in(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep the convolutions' weights in the autocast dtype: autocast rounds frozen weights
+    anew on every forward pass (it caches only leaves that require grad) and autograd keeps
+    those copies until the backward pass; rounding once gives the same values without them
+    (~25 MB per pass for VGG19 up to conv5_1). Buffers (the input normalisation) stay float32."""
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            module.to(dtype)
 
 
 def _digest(img: Image.Image) -> str:

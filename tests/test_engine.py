@@ -307,3 +307,27 @@ def test_grams_are_taken_during_the_forward_pass_and_differentiated_just_in_time
         feats[key].grad_fn.register_hook(lambda *_, key=key: order.append(key))
     (feats[gram_key("relu1_1")].sum() + feats[gram_key("relu2_1")].sum()).backward()
     assert order == [gram_key("relu2_1"), "relu2_1", gram_key("relu1_1")]
+
+
+def test_bf16_runs_keep_the_weights_in_bf16_with_the_same_result(tiny_settings) -> None:
+    """Rounding the frozen weights to bf16 once gives what autocast's per-pass rounding gave."""
+    s = tiny_settings(precision="bf16", iterations=3, pyramid=False)
+    content, style = make_image(), make_image(seed=3)
+    engine._MODEL_CACHE.clear()
+    engine._TARGET_CACHE.clear()
+    once = stylize(content, [style], s).image.tobytes()
+    (model,) = engine._MODEL_CACHE.values()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
+    buffers = list(model.buffers())  # the input normalisation
+    assert buffers and all(b.dtype == torch.float32 for b in buffers)
+    for m in convs:
+        m.float()  # back to float32 weights: autocast rounds them on every pass again
+    engine._TARGET_CACHE.clear()
+    assert stylize(content, [style], s).image.tobytes() == once
+    engine._MODEL_CACHE.clear()
+    stylize(content, [style], s.replace(precision="fp32"))
+    (model,) = engine._MODEL_CACHE.values()
+    assert all(
+        m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, torch.nn.Conv2d)
+    )
