@@ -37,8 +37,8 @@ class _Gram(torch.autograd.Function):
     A bf16 activation (autocast) is multiplied in float32 (the Gram must be exact: the style
     loss is a small difference of Grams), but its gradient is bf16 whatever precision the
     product has, so the backward product runs in bf16: on an AMX CPU a fifth of the time of
-    the float32 one (benchmarks/), and only the bf16 activation is kept for it, not a float32
-    copy (about 90 MB at 512 px).
+    the float32 one (docs/BENCHMARKS.md), and only the bf16 activation is kept for it, not a
+    float32 copy (about 90 MB at 512 px).
     """
 
     @staticmethod
