@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from core import backbones, losses
-from core.engine import fit, layer_plan, resize, to_tensor
+from core.engine import backbones, losses
+from core.engine.run import fit, layer_plan, resize, to_tensor
 from core.settings import Settings
 
 

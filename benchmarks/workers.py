@@ -99,7 +99,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     t_import = time.perf_counter()
     import torch
 
-    from core import backbones, images
+    from core import images
+    from core.engine import backbones
     from core.settings import Settings
 
     out: dict[str, Any] = {
@@ -147,7 +148,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _prebuild(settings: Any) -> tuple[float, float | None]:
     """Build (and cache) the engine's model through its normal path; returns seconds and RSS."""
-    from core import engine
+    from core.engine import run as engine
 
     started = time.perf_counter()
     plan = engine.layer_plan(settings)
@@ -160,7 +161,7 @@ def _prebuild(settings: Any) -> tuple[float, float | None]:
 
 
 def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: dict) -> dict:
-    from core import memory
+    from core.engine.cpu import memory
 
     keep = memory.keep_freed_memory
     if not spec.get("keep_heap", True):  # the allocator lever: glibc's own behaviour
@@ -172,7 +173,7 @@ def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: 
 
 
 def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: dict) -> dict:
-    from core import engine
+    from core.engine import run as engine
     from core.errors import Cancelled
 
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -209,7 +210,7 @@ def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, o
     if target is not None and rec.reached is None and result is not None and continue_iters:
         out["continued"] = _continue(settings, content, style, result.image, rec, continue_iters)
     if spec.get("evaluate") and result is not None:
-        from core import backbones
+        from core.engine import backbones
 
         from . import baseline
 
@@ -221,7 +222,7 @@ def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, o
 def _continue(settings, content, style, image, rec: Recorder, iterations: int) -> dict:
     """Go on at the final scale from the pyramid's output (an 8-bit image, L-BFGS restarted)
     until the target is reached or ``iterations`` more steps ran."""
-    from core import engine
+    from core.engine import run as engine
     from core.errors import Cancelled
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -255,7 +256,7 @@ def _continue(settings, content, style, image, rec: Recorder, iterations: int) -
 
 def _cache(settings: Any, content: Any, style: Any, out: dict) -> dict:
     """Three short runs in one process: cold, warm, and warm with the style targets dropped."""
-    from core import engine
+    from core.engine import run as engine
 
     out["model_seconds"], out["rss_model_mb"] = _prebuild(settings)
     runs = []

@@ -1,14 +1,14 @@
 """Pastiche core: the style-transfer engine and everything that drives it.
 
-The engine's names are imported lazily (PEP 562) so that front ends, the job runner and the
-CLI's quick commands can import ``core`` without loading torch.
+``stylize`` is imported lazily (PEP 562): ``core.engine`` is the only package that imports
+torch, so front ends, the job runner and the CLI's quick commands import ``core`` without it.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .errors import (
+from core.errors import (
     BusyError,
     Cancelled,
     ImageError,
@@ -17,19 +17,20 @@ from .errors import (
     SettingsError,
     WeightsError,
 )
-from .settings import Settings
+from core.settings import Settings
+from core.types import Progress, Result
 
 if TYPE_CHECKING:
-    from .engine import Progress, Result, stylize
+    from core.engine.run import stylize
 
 __version__ = "0.1.0"
 
-_LAZY = {"Progress", "Result", "stylize"}
+_LAZY = {"stylize"}
 
 
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        from . import engine
+        from core.engine import run as engine
 
         return getattr(engine, name)
     raise AttributeError(f"module 'core' has no attribute {name!r}")

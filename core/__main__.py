@@ -1,6 +1,6 @@
 """``python -m core`` is the ``pastiche`` command (handy without the console script)."""
 
-from .cli import main
+from core.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

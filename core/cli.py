@@ -27,9 +27,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import __version__, images
-from .errors import Cancelled, ImageError, PasticheError, SettingsError
-from .settings import QUALITY_ITERATIONS, Settings
+from core import __version__, images
+from core.errors import Cancelled, ImageError, PasticheError, SettingsError
+from core.settings import QUALITY_ITERATIONS, Settings
 
 PROG = "pastiche"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -73,7 +73,7 @@ _SKIP_FIELDS = {"extra"}
 _WEIGHT_SUFFIX = re.compile(r"^(?P<path>.+):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
 _DISPATCH = {  # command: (module, pip extra that provides its dependencies)
     "bot": ("bot.__main__", "bot"),
-    "helper": ("core.helper", "helper"),
+    "helper": ("core.helper.server", "helper"),
     "bench": ("benchmarks.bench", None),
 }
 log = logging.getLogger("pastiche")
@@ -323,7 +323,7 @@ def cmd_stylize(ns: argparse.Namespace) -> int:
         }
     )
 
-    from .engine import stylize
+    from core.engine.run import stylize
 
     bar = _ProgressBar(enabled=not ns.quiet, preview=ns.preview)
     start = time.monotonic()
@@ -348,7 +348,7 @@ def cmd_stylize(ns: argparse.Namespace) -> int:
 
 # ---- weights ---------------------------------------------------------------------------------
 def cmd_weights(ns: argparse.Namespace) -> int:
-    from . import weights
+    from core.engine import weights
 
     if ns.action == "list":
         for row in weights.status():

@@ -21,7 +21,7 @@ from typing import Any, Union
 
 from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
-from .errors import ImageError
+from core.errors import ImageError
 
 log = logging.getLogger(__name__)
 

@@ -24,8 +24,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import ImageError, SettingsError
-from .images import validate_image
+from core.errors import ImageError, SettingsError
+from core.images import validate_image
 
 MANIFEST = "presets.toml"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")

@@ -22,7 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import SettingsError
+from core.errors import SettingsError
 
 Optimizer = Literal["lbfgs", "adam"]
 Init = Literal["content", "noise", "image"]

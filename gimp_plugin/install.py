@@ -113,7 +113,7 @@ def make_config(args: argparse.Namespace) -> dict[str, Any]:
     if args.discovery_file:
         config["discovery_file"] = args.discovery_file
     else:
-        from core.helper_files import default_discovery_file
+        from core.helper.files import default_discovery_file
 
         config["discovery_file"] = str(default_discovery_file())
     return config

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.backbones import random_state_dict
+from core.engine.backbones import random_state_dict
 from core.settings import Settings
 
 
@@ -87,7 +87,7 @@ def losses_off_and_on(
 ) -> dict[bool, dict[str, float]]:
     """The engine's loss terms after ``iterations`` single-scale steps with a boolean setting
     off, then on (checking the metadata reports it); ``after_off`` runs between the two."""
-    from core import engine
+    from core.engine import run as engine
 
     results: dict[bool, dict[str, float]] = {}
     for flag in (False, True):

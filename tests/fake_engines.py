@@ -1,4 +1,4 @@
-"""Stand-ins for ``core.engine.stylize`` that run in real worker processes (no torch).
+"""Stand-ins for ``core.engine.run.stylize`` that run in real worker processes (no torch).
 
 Each has the engine's signature and honours ``should_stop`` between small sleeps, like the real
 optimiser does between steps. The runner tests select one with ``RunnerConfig(engine=...)``;

@@ -11,7 +11,8 @@ import pytest
 
 from benchmarks import bench, workers
 from benchmarks.baseline import LossWeights, build, network, prepare
-from core import backbones, engine
+from core.engine import backbones
+from core.engine import run as engine
 from core.settings import Settings
 from tests.conftest import make_image
 

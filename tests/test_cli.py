@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from core import cli, images
-from core.engine import Progress
 from core.errors import SettingsError
 from core.settings import QUALITY_ITERATIONS, Settings
+from core.types import Progress
 from tests.conftest import make_image
 
 FIELDS = [f for f in dataclasses.fields(Settings) if f.name != "extra"]
@@ -150,7 +150,7 @@ def test_user_errors_exit_2_before_any_work(
 def test_unexpected_errors_are_reported_without_a_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from core import weights
+    from core.engine import weights
 
     def boom() -> list[dict]:
         raise RuntimeError("kaboom")
@@ -171,7 +171,7 @@ def test_unexpected_errors_are_reported_without_a_traceback(
 def test_keyboard_interrupt_exits_130(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from core import weights
+    from core.engine import weights
 
     def interrupted() -> list[dict]:
         raise KeyboardInterrupt
@@ -238,7 +238,7 @@ def test_weights_list_and_verify(
 def test_weights_download_passes_its_flags(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from core import weights
+    from core.engine import weights
 
     calls = []
 
@@ -258,7 +258,7 @@ def test_weights_download_passes_its_flags(
     ("argv", "module", "passed"),
     [
         (["bot", "--config", "x.toml"], "bot.__main__", ["--config", "x.toml"]),
-        (["helper", "--port", "0"], "core.helper", ["--port", "0"]),
+        (["helper", "--port", "0"], "core.helper.server", ["--port", "0"]),
         (["gimp", "install", "--dry-run"], "gimp_plugin.install", ["--dry-run"]),
         (["bench", "--quick"], "benchmarks.bench", ["--quick"]),
     ],

@@ -9,11 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from core import Cancelled, ImageError, SettingsError, WeightsError, backbones, engine, stylize
-from core.backbones import random_state_dict
-from core.colour import rgb_to_ycbcr
-from core.engine import pyramid, to_tensor
-from core.losses import gram, gram_key
+from core import Cancelled, ImageError, SettingsError, WeightsError, stylize
+from core.engine import backbones
+from core.engine import run as engine
+from core.engine.backbones import random_state_dict
+from core.engine.colour import rgb_to_ycbcr
+from core.engine.losses import gram, gram_key
+from core.engine.run import pyramid, to_tensor
 from core.settings import Settings
 from tests.conftest import image_bytes, make_image
 

@@ -24,10 +24,10 @@ from aiohttp import FormData
 from aiohttp.test_utils import TestClient, TestServer
 from PIL import Image
 
-from core import helper as helper_cli
-from core import helper_files
-from core.helper_app import STATE, HelperOptions, HelperState, _settings, create_app
-from core.helper_probe import probe
+from core.helper import files as helper_files
+from core.helper import server as helper_cli
+from core.helper.app import STATE, HelperOptions, HelperState, _settings, create_app
+from core.helper.probe import probe
 from core.images import read_metadata
 from core.jobs import RunnerConfig
 from core.settings import QUALITY_ITERATIONS, Settings

@@ -20,10 +20,8 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from core.backend import GENERIC_FAILURE, Backend
 from core.errors import BusyError, LimitError
 from core.jobs import (
-    START_FAILURE,
     TERMINAL_EVENTS,
     Done,
     Failed,
@@ -37,7 +35,9 @@ from core.jobs import (
     RunnerConfig,
     Started,
 )
-from core.local_backend import CRASH_MESSAGE
+from core.jobs.backend import GENERIC_FAILURE, Backend
+from core.jobs.local import CRASH_MESSAGE
+from core.jobs.runner import START_FAILURE
 from core.settings import Settings
 from tests.conftest import image_bytes
 
@@ -208,7 +208,7 @@ async def test_time_limit_kills_a_stuck_worker(runner):
 @pytest.mark.asyncio(loop_scope="module")
 async def test_job_errors_fail_alone(runner, caplog):
     pid = worker_pid(runner)
-    caplog.set_level(logging.ERROR, logger="core.local_backend")
+    caplog.set_level(logging.ERROR, logger="core.jobs.local")
     bug = await runner.submit(req("raise"), owner="err")
     user = await runner.submit(req("user_error"), owner="err")
     end = await finish(bug)
@@ -277,7 +277,7 @@ async def test_event_loop_stays_responsive(runner):
 
 
 def test_importing_the_runner_does_not_import_torch():
-    code = "import sys, core.jobs, core.local_backend; print('torch' in sys.modules)"
+    code = "import sys, core.jobs, core.jobs.local; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -330,7 +330,7 @@ async def test_many_owners_then_close_leaves_nothing():
 @pytest.mark.slow
 @pytest.mark.asyncio(loop_scope="module")
 async def test_real_engine_jobs(tiny_settings, caplog, content_png, style_png):
-    caplog.set_level(logging.INFO, logger="core.local_backend")
+    caplog.set_level(logging.INFO, logger="core.jobs.local")
     config = RunnerConfig(warmup=tiny_settings(iterations=1, pyramid=False), threads=1)
 
     def real(content=content_png, **changes) -> JobRequest:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core import engine, stylize
-from core.lbfgs import LBFGS
+from core import stylize
+from core.engine import run as engine
+from core.engine.cpu.lbfgs import LBFGS
 from tests.conftest import make_image
 
 

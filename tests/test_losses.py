@@ -6,8 +6,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from core.colour import match_colour_stats, rgb_to_ycbcr, ycbcr_to_rgb
-from core.losses import ContentLoss, LayerApply, Scale, StyleLoss, SumLoss, TVLoss, gram, scaled_mse
+from core.engine.colour import match_colour_stats, rgb_to_ycbcr, ycbcr_to_rgb
+from core.engine.losses import (
+    ContentLoss,
+    LayerApply,
+    Scale,
+    StyleLoss,
+    SumLoss,
+    TVLoss,
+    gram,
+    scaled_mse,
+)
 
 
 def test_gram_matches_hand_computed_values_divided_by_positions() -> None:

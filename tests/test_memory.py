@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from core import engine, memory
+from core.engine import run as engine
+from core.engine.cpu import memory
 from core.errors import Cancelled
 from tests.conftest import make_image
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core import weights
-from core.backbones import build, random_state_dict
+from core.engine import weights
+from core.engine.backbones import build, random_state_dict
 from core.errors import WeightsError
 
 

@@ -8,7 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from core import backbones, engine, winograd
+from core.engine import backbones
+from core.engine import run as engine
+from core.engine.cpu import winograd
 from core.settings import Settings
 from tests.conftest import losses_off_and_on
 

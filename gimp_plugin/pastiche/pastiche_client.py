@@ -41,7 +41,7 @@ class HelperError(Exception):
 
 # ---- configuration -----------------------------------------------------------------------------
 def default_discovery_file(environ: dict[str, str] | None = None) -> Path:
-    """Where the helper writes its URL and token (same rules as core.helper_files)."""
+    """Where the helper writes its URL and token (same rules as core.helper.files)."""
     env = os.environ if environ is None else environ
     if env.get(DISCOVERY_ENV):
         return Path(env[DISCOVERY_ENV]).expanduser()

@@ -1,6 +1,6 @@
 """Report the device and weights the helper's workers will use, as one line of JSON.
 
-Run as ``python -m core.helper_probe '<settings json>'`` by the helper at start-up, so the
+Run as ``python -m core.helper.probe '<settings json>'`` by the helper at start-up, so the
 helper's own process (the event loop the GIMP plug-in talks to) never has to import torch.
 """
 
@@ -10,8 +10,8 @@ import json
 import sys
 from typing import Any
 
-from .errors import PasticheError
-from .settings import Settings
+from core.errors import PasticheError
+from core.settings import Settings
 
 
 def probe(settings: Settings) -> dict[str, Any]:
@@ -30,7 +30,7 @@ def probe(settings: Settings) -> dict[str, Any]:
     if settings.backbone == "random":
         info.update(weights_present=True, weights_path=None, weights_message="Random weights.")
         return info
-    from . import weights
+    from core.engine import weights
 
     try:
         path = weights.resolve(settings.backbone, settings.weights, download=False, progress=False)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .errors import WeightsError
+from core.errors import WeightsError
 
 ENV_VAR = "PASTICHE_WEIGHTS"
 """A checkpoint file used instead of the cache when no explicit path is given."""
@@ -41,7 +41,7 @@ class WeightSource:
     """Where a named backbone's weights come from and how its inputs are normalised."""
 
     name: str
-    arch: str  # a key of core.backbones.ARCHITECTURES
+    arch: str  # a key of core.engine.backbones.ARCHITECTURES
     url: str
     filename: str  # the torch hub cache name (the URL's basename)
     sha256_prefix: str  # from the file name, torch hub convention; "" = unchecked

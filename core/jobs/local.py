@@ -1,6 +1,6 @@
 """The local Backend: a pool of spawned worker processes, one job at a time each.
 
-Each worker (``core.worker.main``) keeps its model warm between jobs. A reader thread per worker
+Each worker (``core.jobs.worker.main``) keeps its model warm between jobs. A reader thread per worker
 waits on its event pipe and its process sentinel and hands every message to the event loop with
 ``call_soon_threadsafe``, so nothing here blocks the loop (sending a job, which may be a few MB
 of image bytes, also happens in a thread). A worker that dies is noticed at once through its
@@ -18,9 +18,9 @@ import threading
 from multiprocessing.connection import wait as wait_any
 from typing import Any
 
-from . import worker as worker_module
-from .backend import GENERIC_FAILURE, CancelToken, Emit
-from .events import (
+from core.jobs import worker as worker_module
+from core.jobs.backend import GENERIC_FAILURE, CancelToken, Emit
+from core.jobs.events import (
     Done,
     Failed,
     JobCancelled,

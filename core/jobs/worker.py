@@ -1,6 +1,6 @@
 """The worker process: imports the engine once, keeps it warm, runs one job at a time.
 
-Started by ``core.local_backend`` with the multiprocessing "spawn" context, so torch is only
+Started by ``core.jobs.local`` with the multiprocessing "spawn" context, so torch is only
 ever loaded here, never in the event loop's process and never inherited across a fork. Jobs
 arrive on ``tasks`` as ``("job", seq, JobRequest)`` (``None`` = exit); everything goes back on
 ``events`` as small tuples (see ``LocalBackend``). A job is stopped by writing its ``seq`` into
@@ -19,9 +19,9 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .errors import Cancelled, PasticheError
-from .events import JobRequest
-from .settings import Settings
+from core.errors import Cancelled, PasticheError
+from core.jobs.events import JobRequest
+from core.settings import Settings
 
 PROGRESS_INTERVAL = 0.2
 """Seconds between progress messages of one job (at most ~5/s; the last one always goes)."""
@@ -107,7 +107,7 @@ def _warm_up(engine: EngineFn, settings: Settings) -> None:
 def _run_job(
     engine: EngineFn | None, seq: int, request: JobRequest, events: Connection, cancel_seq: Any
 ) -> None:
-    from .images import encode_image
+    from core.images import encode_image
 
     def should_stop() -> bool:
         return cancel_seq.value == seq

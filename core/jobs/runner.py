@@ -1,10 +1,10 @@
 """The job runner shared by the Discord bot and the GIMP helper.
 
 ``Runner.submit()`` checks the limits at once (queue length, jobs per owner, pixels read from
-the image headers), queues the job FIFO and hands it to a :class:`~core.backend.Backend` when a
+the image headers), queues the job FIFO and hands it to a :class:`~core.jobs.backend.Backend` when a
 slot is free. Each :class:`Job` records its events and replays them to any number of
 ``job.events()`` readers. The runner lives in the event loop's process and never imports torch:
-the engine runs in worker processes behind the backend (``core.local_backend``).
+the engine runs in worker processes behind the backend (``core.jobs.local``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from enum import Enum
 
 from PIL import Image
 
-from .backend import GENERIC_FAILURE, Backend, CancelToken
-from .errors import BusyError, LimitError
-from .events import (
+from core.errors import BusyError, LimitError
+from core.images import MAX_PIXELS
+from core.jobs.backend import GENERIC_FAILURE, Backend, CancelToken
+from core.jobs.events import (
     TERMINAL_EVENTS,
     Done,
     Event,
@@ -37,8 +38,7 @@ from .events import (
     Started,
     TerminalEvent,
 )
-from .images import MAX_PIXELS
-from .settings import Settings
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +48,6 @@ CANCEL_REASONS = {
     "shutdown": "The service shut down before the job could finish.",
 }
 _KEEP_FINISHED = 1000  # finished jobs remembered for get()
-
-__all__ = [
-    "TERMINAL_EVENTS",
-    "Backend",
-    "CancelToken",
-    "Done",
-    "Event",
-    "Failed",
-    "Job",
-    "JobCancelled",
-    "JobRequest",
-    "JobState",
-    "Preview",
-    "ProgressUpdate",
-    "Queued",
-    "Runner",
-    "RunnerConfig",
-    "Started",
-]
 
 
 class JobState(str, Enum):
@@ -209,7 +190,7 @@ class Runner:
     def __init__(self, config: RunnerConfig | None = None, backend: Backend | None = None) -> None:
         self.config = config or RunnerConfig()
         if backend is None:
-            from .local_backend import LocalBackend
+            from core.jobs.local import LocalBackend
 
             backend = LocalBackend(self.config)
         self.backend = backend

@@ -14,19 +14,20 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from . import backbones, colour, fusion, images, memory, winograd
-from .errors import Cancelled, ImageError, SettingsError
-from .lbfgs import LBFGS
-from .losses import (
+from core import images
+from core.engine import backbones, colour
+from core.engine.cpu import fusion, memory, winograd
+from core.engine.cpu.lbfgs import LBFGS
+from core.engine.losses import (
     ContentLoss,
     LayerApply,
     Scale,
@@ -36,49 +37,18 @@ from .losses import (
     gram,
     gram_key,
 )
-from .settings import Settings
+from core.errors import Cancelled, ImageError, SettingsError
+from core.settings import Settings
+from core.types import ImageInput, Progress, Result, StyleInput
 
 log = logging.getLogger(__name__)
 
-ImageInput = Union[str, "os.PathLike[str]", bytes, Image.Image]  # noqa: UP007 (runtime alias)
-StyleInput = Union[ImageInput, tuple[ImageInput, float]]  # noqa: UP007
 
 PREVIEW_SIDE = 256
 _MODEL_CACHE: OrderedDict[tuple, backbones.FeatureExtractor] = OrderedDict()
 _MODEL_CACHE_SIZE = 2
 _TARGET_CACHE: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
 _TARGET_CACHE_SIZE = 32
-
-
-@dataclass(frozen=True)
-class Progress:
-    """One optimiser step, passed to ``on_progress``."""
-
-    step: int  # global step, 1-based, over all scales
-    total_steps: int  # planned steps over all scales (early stop may end sooner)
-    scale: int  # 1-based index of the pyramid scale
-    scales: int
-    iteration: int  # step within this scale, 1-based
-    iterations: int  # planned steps at this scale
-    width: int  # size being optimised at this scale
-    height: int
-    losses: dict[str, float]  # content, style, tv, total
-    elapsed: float  # seconds since stylize() started
-    eta: float | None  # seconds left, None until it can be estimated
-    preview: Image.Image | None = None  # small RGB preview every settings.preview_every steps
-
-    @property
-    def percent(self) -> float:
-        return 100.0 * self.step / max(1, self.total_steps)
-
-
-@dataclass
-class Result:
-    """The painting (RGB, or RGBA when the content had alpha) and how it was made."""
-
-    image: Image.Image
-    settings: Settings
-    metadata: dict[str, Any] = field(default_factory=dict)
 
 
 # ---- devices and precision ------------------------------------------------------------------
@@ -225,7 +195,7 @@ def load_model(settings: Settings, plan: LayerPlan, device: torch.device, channe
     if settings.backbone == "random":
         path, normalization, source = None, "imagenet", "random"
     else:
-        from . import weights as weight_sources
+        from core.engine import weights as weight_sources
 
         src = weight_sources.SOURCES[settings.backbone]
         path = weight_sources.resolve(settings.backbone, settings.weights)
@@ -243,7 +213,7 @@ def load_model(settings: Settings, plan: LayerPlan, device: torch.device, channe
     if model is None:
         state = None
         if path is not None:
-            from . import weights as weight_sources
+            from core.engine import weights as weight_sources
 
             state = weight_sources.load_state_dict(path)
         else:

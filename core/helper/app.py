@@ -23,13 +23,13 @@ from typing import Any
 
 from aiohttp import web
 
-from . import __version__
-from .errors import BusyError, ImageError, LimitError, SettingsError
-from .events import JobCancelled
-from .images import validate_image
-from .jobs import Job, JobRequest, Runner, RunnerConfig
-from .presets import PresetLibrary, load_presets
-from .settings import QUALITY_ITERATIONS, Settings
+from core import __version__
+from core.errors import BusyError, ImageError, LimitError, SettingsError
+from core.images import validate_image
+from core.jobs.events import JobCancelled
+from core.jobs.runner import Job, JobRequest, Runner, RunnerConfig
+from core.presets import PresetLibrary, load_presets
+from core.settings import QUALITY_ITERATIONS, Settings
 
 log = logging.getLogger("pastiche.helper")
 
@@ -398,7 +398,7 @@ async def run_probe(state: HelperState) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "core.helper_probe",
+            "core.helper.probe",
             settings_json,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

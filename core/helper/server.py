@@ -3,7 +3,7 @@
 It binds to loopback only (unless ``--force-public-bind``), writes a discovery file with its URL
 and a fresh token for the plug-in, logs to a file users can attach to a bug report, and with
 ``--idle-exit`` goes away by itself once nobody has used it for a while (the plug-in starts it
-that way). The HTTP API lives in :mod:`core.helper_app`.
+that way). The HTTP API lives in :mod:`core.helper.app`.
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ from pathlib import Path
 
 from aiohttp import web
 
-from . import __version__
-from .errors import SettingsError
-from .helper_app import STATE, HelperOptions, MiB, create_app, is_loopback
-from .helper_files import (
+from core import __version__
+from core.errors import SettingsError
+from core.helper.app import STATE, HelperOptions, MiB, create_app, is_loopback
+from core.helper.files import (
     default_discovery_file,
     default_log_file,
     remove_discovery,
     setup_logging,
     write_discovery,
 )
-from .settings import BACKBONES, Settings
+from core.settings import BACKBONES, Settings
 
 log = logging.getLogger("pastiche.helper")
 

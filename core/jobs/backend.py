@@ -1,6 +1,6 @@
 """The boundary between the job runner (queue, limits, events) and whatever runs the engine.
 
-The runner only ever calls :class:`Backend`; the local process pool in ``core.local_backend``
+The runner only ever calls :class:`Backend`; the local process pool in ``core.jobs.local``
 is one implementation. A distributed backend (a GPU box, a cloud queue) can replace it without
 changing the bot or the GIMP helper, which only see ``core.jobs``.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from .events import Event, JobRequest, TerminalEvent
+from core.jobs.events import Event, JobRequest, TerminalEvent
 
 Emit = Callable[[Event], None]
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SettingsError
-from .settings import Settings
+from core.errors import SettingsError
+from core.settings import Settings
 
 
 @dataclass(frozen=True)
