@@ -13,26 +13,35 @@ import os
 import signal
 import sys
 import time
-from types import SimpleNamespace
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from PIL import Image
 
 from core.errors import Cancelled, ImageError, SettingsError
+from core.settings import Settings
+from core.types import Progress, Result
+
+OnProgress = Callable[[Progress], None] | None
+ShouldStop = Callable[[], bool] | None
 
 STEP = 0.02  # seconds per fake optimiser step
 
 
-def _progress(step: int, total: int, preview: Image.Image | None = None) -> Any:
-    return SimpleNamespace(
+def _progress(step: int, total: int, preview: Image.Image | None = None) -> Progress:
+    return Progress(
         step=step,
         total_steps=total,
         scale=1,
         scales=1,
-        eta=(total - step) * STEP,
+        iteration=step,
+        iterations=total,
+        width=8,
+        height=8,
         losses={"total": 1.0 / step},
+        elapsed=step * STEP,
+        eta=(total - step) * STEP,
         preview=preview,
-        percent=100.0 * step / total,
     )
 
 
@@ -50,7 +59,14 @@ def _torch_threads() -> int | None:
     return None if torch is None else torch.get_num_threads()
 
 
-def paint(content: Any, styles: Any, settings: Any = None, *, on_progress=None, should_stop=None):
+def paint(
+    content: Any,
+    styles: Sequence[Any],
+    settings: Settings,
+    *,
+    on_progress: OnProgress = None,
+    should_stop: ShouldStop = None,
+) -> Result:
     """``settings.iterations`` steps of STEP seconds; the output is the content, inverted.
 
     Reports the worker's pid in the metadata so tests can tell workers apart."""
@@ -64,7 +80,7 @@ def paint(content: Any, styles: Any, settings: Any = None, *, on_progress=None, 
             preview = img.resize((8, 8)) if step == 1 else None
             on_progress(_progress(step, total, preview))
     out = Image.eval(img, lambda v: 255 - v)
-    return SimpleNamespace(
+    return Result(
         image=out,
         settings=settings,
         metadata={
@@ -76,22 +92,39 @@ def paint(content: Any, styles: Any, settings: Any = None, *, on_progress=None, 
     )
 
 
-def instant(content: Any, styles: Any, settings: Any = None, *, on_progress=None, should_stop=None):
+def instant(
+    content: Any,
+    styles: Sequence[Any],
+    settings: Settings,
+    *,
+    on_progress: OnProgress = None,
+    should_stop: ShouldStop = None,
+) -> Result:
     """No sleeping: for tests about bookkeeping under load."""
-    return SimpleNamespace(
-        image=Image.new("RGB", (4, 4)), settings=settings, metadata={"pid": os.getpid()}
-    )
+    return Result(image=Image.new("RGB", (4, 4)), settings=settings, metadata={"pid": os.getpid()})
 
 
 def stubborn(
-    content: Any, styles: Any, settings: Any = None, *, on_progress=None, should_stop=None
-):
+    content: Any,
+    styles: Sequence[Any],
+    settings: Settings,
+    *,
+    on_progress: OnProgress = None,
+    should_stop: ShouldStop = None,
+) -> Result:
     """Ignores ``should_stop`` (a stuck step): only killing the worker stops it."""
     time.sleep(600)
     raise AssertionError("not reached")
 
 
-def by_mode(content: Any, styles: Any, settings: Any = None, *, on_progress=None, should_stop=None):
+def by_mode(
+    content: Any,
+    styles: Sequence[Any],
+    settings: Settings,
+    *,
+    on_progress: OnProgress = None,
+    should_stop: ShouldStop = None,
+) -> Result:
     """Behaviour chosen by ``settings.extra["mode"]``: ok, kill, segfault, raise, user_error,
     stubborn."""
     mode = settings.extra.get("mode", "ok")
