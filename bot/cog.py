@@ -14,7 +14,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import discord
 from discord import app_commands
@@ -35,7 +35,8 @@ from core.jobs import (
     Started,
 )
 from core.presets import PresetLibrary
-from core.settings import Settings
+from core.requests import request_settings
+from core.settings import PreserveColors, Settings
 
 from .config import BotConfig
 from .delivery import fit_to_limit, settings_embed
@@ -129,7 +130,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         preset: str | None = None,
         strength: app_commands.Range[float, 0.0, 1.0] | None = None,
         size: app_commands.Range[int, 64, 4096] | None = None,
-        preserve_colours: Literal["none", "luminance", "stats"] | None = None,
+        preserve_colours: PreserveColors | None = None,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)  # within 3 s, always
         await self.submit(
@@ -351,19 +352,14 @@ class PasticheCog(commands.Cog, name="Pastiche"):
     def _settings(
         self, chosen: StyleChoice, strength: float | None, size: int | None, colours: str | None
     ) -> Settings:
-        base = self.base_settings
-        max_size = self.config.limits.max_size
-        if size is not None and size > max_size:
-            raise SettingsError(
-                f"The largest size I paint is {max_size} pixels; pick a smaller one."
-            )
-        if strength is None:
-            strength = chosen.strength if chosen.strength is not None else base.strength
-        return base.replace(
-            strength=float(strength),
-            size=int(size) if size is not None else min(base.size, max_size),
-            preserve_colors=colours or base.preserve_colors,
-            extra={**base.extra, "frontend": "discord", "style": chosen.label},
+        given = {"strength": strength, "size": size, "preserve_colors": colours}
+        return request_settings(
+            "discord",
+            {name: value for name, value in given.items() if value is not None},
+            base=self.base_settings,
+            preset_strength=chosen.strength,
+            max_size=self.config.limits.max_size,
+            notes={"style": chosen.label},
         )
 
     # ---- following a job -----------------------------------------------------------------

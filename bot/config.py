@@ -31,11 +31,12 @@ Example (every key optional except a token from somewhere)::
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -44,7 +45,8 @@ else:  # pragma: no cover
 
 from core.errors import PasticheError, SettingsError
 from core.images import MAX_PIXELS
-from core.settings import QUALITY_ITERATIONS, Settings
+from core.requests import request_settings
+from core.settings import Backbone, Quality, Settings
 
 TOKEN_ENV = "DISCORD_TOKEN"
 CONFIG_ENV = "PASTICHE_BOT_CONFIG"
@@ -73,23 +75,23 @@ class Limits:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    backbone: str = "vgg19"
+    backbone: Backbone = "vgg19"
     weights: str | None = None
     device: str = "auto"
-    quality: str = "standard"
+    quality: Quality = "standard"
     size: int = 512
     preview_every: int = 10
 
     def base_settings(self) -> Settings:
         """The Settings every bot job starts from (users may change strength, size, colours)."""
-        return Settings(
-            size=self.size,
-            iterations=QUALITY_ITERATIONS[self.quality],
-            backbone=self.backbone,  # type: ignore[arg-type]
-            weights=self.weights,
-            device=self.device,
-            preview_every=self.preview_every,
-        )
+        options = {
+            "size": self.size,
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "device": self.device,
+            "preview_every": self.preview_every,
+        }
+        return request_settings("discord", options, quality=self.quality)
 
 
 @dataclass(frozen=True)
@@ -164,14 +166,17 @@ def config_from_dict(
     return cfg
 
 
-def _section(cls: type, raw: Any, name: str) -> Any:
+_Section = TypeVar("_Section", Limits, EngineConfig)
+
+
+def _section(cls: type[_Section], raw: Any, name: str) -> _Section:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table.")
-    fields = cls.__dataclass_fields__
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"Unknown key(s) in [{name}]: {', '.join(unknown)}.")
-    values = {}
+    values: dict[str, Any] = {}
     for key, value in raw.items():
         default = fields[key].default
         where = f"{name}.{key}"
@@ -198,8 +203,6 @@ def _check(cfg: BotConfig) -> None:
             raise ConfigError(f"limits.{key} must be positive.")
     if lim.cooldown < 0 or lim.status_interval < 0:
         raise ConfigError("limits.cooldown and limits.status_interval must not be negative.")
-    if eng.quality not in QUALITY_ITERATIONS:
-        raise ConfigError(f"engine.quality must be one of {', '.join(QUALITY_ITERATIONS)}.")
     try:
         eng.base_settings()
     except SettingsError as exc:

@@ -29,7 +29,8 @@ from typing import Any
 
 from core import __version__, images
 from core.errors import Cancelled, ImageError, PasticheError, SettingsError
-from core.settings import QUALITY_ITERATIONS, Settings
+from core.requests import request_settings
+from core.settings import QUALITIES, QUALITY_ITERATIONS, Settings
 
 PROG = "pastiche"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -117,12 +118,13 @@ def add_settings_options(parser: argparse.ArgumentParser) -> list[str]:
     absent from the namespace). Returns the field names added."""
     group = parser.add_argument_group("settings (defaults from core.settings.Settings)")
     hints = typing.get_type_hints(Settings)
+    defaults = Settings()
     added = []
     for f in dataclasses.fields(Settings):
         if f.name in _SKIP_FIELDS:
             continue
         kind, optional = _field_kind(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = getattr(defaults, f.name)
         help_text = FIELD_HELP.get(f.name, f.name.replace("_", " "))
         if "(unset:" not in help_text:
             help_text += f" (default: {_show_default(default)})"
@@ -165,15 +167,9 @@ def build_settings(ns: argparse.Namespace) -> Settings:
     """Settings from the parsed options; --quality sets iterations unless --iterations is given."""
     names = {f.name for f in dataclasses.fields(Settings)} - _SKIP_FIELDS
     given = {k: v for k, v in vars(ns).items() if k in names}
-    if ns.quality is not None and "iterations" not in given:
-        given["iterations"] = QUALITY_ITERATIONS[ns.quality]
-    if getattr(ns, "preview", None) is None and "preview_every" not in given:
-        given["preview_every"] = 0  # nobody would see the previews
-    given["extra"] = {"frontend": "cli"}
-    try:
-        return Settings(**given)
-    except TypeError as exc:  # pragma: no cover - only if a field type is mis-mapped
-        raise SettingsError(str(exc)) from None
+    if getattr(ns, "preview", None) is None:
+        given.setdefault("preview_every", 0)  # nobody would see the previews
+    return request_settings("cli", given, quality=ns.quality)
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -205,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-o", "--output", required=True, metavar="OUT", help="output file (.png, .jpg, .webp)"
     )
     st.add_argument(
-        "--quality", choices=tuple(QUALITY_ITERATIONS), default=None,
+        "--quality", choices=QUALITIES, default=None,
         help="iteration budget: " + ", ".join(f"{k}={v}" for k, v in QUALITY_ITERATIONS.items())
         + " (an explicit --iterations wins)",
     )  # fmt: skip

@@ -19,20 +19,31 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from core.errors import SettingsError
 
+# The allowed values of each choice, written once: the type hints below, and through
+# typing.get_args() the validation in _check, the CLI's choices and the helper's options.
 Optimizer = Literal["lbfgs", "adam"]
 Init = Literal["content", "noise", "image"]
 Blend = Literal["gram", "loss"]
 PreserveColors = Literal["none", "luminance", "stats"]
 Precision = Literal["auto", "fp32", "bf16"]
 Backbone = Literal["vgg19", "vgg19-caffe", "squeezenet", "random"]
+Quality = Literal["draft", "standard", "high"]
 
-BACKBONES: tuple[str, ...] = ("vgg19", "vgg19-caffe", "squeezenet", "random")
-QUALITY_ITERATIONS: dict[str, int] = {"draft": 8, "standard": 20, "high": 100}
+OPTIMIZERS: tuple[Optimizer, ...] = typing.get_args(Optimizer)
+INITS: tuple[Init, ...] = typing.get_args(Init)
+BLENDS: tuple[Blend, ...] = typing.get_args(Blend)
+COLOUR_MODES: tuple[PreserveColors, ...] = typing.get_args(PreserveColors)
+PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
+BACKBONES: tuple[Backbone, ...] = typing.get_args(Backbone)
+QUALITIES: tuple[Quality, ...] = typing.get_args(Quality)
+
+QUALITY_ITERATIONS: dict[Quality, int] = {"draft": 8, "standard": 20, "high": 100}
 """Iterations at the final scale per quality tier (coarser scales get twice as many).
 
 The ratio of first-scale to later-scale iterations is crowsonkb's 1000:500. The absolute numbers
@@ -206,6 +217,16 @@ def _float_in(s: Settings, name: str, lo: float, hi: float) -> None:
         raise SettingsError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}.")
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Each ``Literal``-typed field and its allowed values, read from the type hints."""
+    hints = typing.get_type_hints(Settings)
+    return {
+        name: typing.get_args(hint)
+        for name, hint in hints.items()
+        if typing.get_origin(hint) is Literal
+    }
+
+
 def _choice(s: Settings, name: str, options: tuple[str, ...]) -> None:
     value = getattr(s, name)
     if value not in options:
@@ -213,11 +234,12 @@ def _choice(s: Settings, name: str, options: tuple[str, ...]) -> None:
 
 
 def _check(s: Settings) -> None:
+    for name, options in _CHOICES.items():
+        _choice(s, name, options)
     _int_in(s, "size", 16, 8192)
     _int_in(s, "iterations", 0, 100_000)
     if s.initial_iterations is not None:
         _int_in(s, "initial_iterations", 0, 100_000)
-    _choice(s, "optimizer", ("lbfgs", "adam"))
     _float_in(s, "learning_rate", 1e-6, 10.0)
     _int_in(s, "lbfgs_history", 1, 1000)
     _float_in(s, "content_weight", 0.0, 1e9)
@@ -236,9 +258,7 @@ def _check(s: Settings) -> None:
             raise SettingsError("style_layer_weights needs one weight per style layer.")
     if s.style_depth is not None:
         _int_in(s, "style_depth", 1, 64)
-    _choice(s, "style_blend", ("gram", "loss"))
     _float_in(s, "style_scale", 0.05, 8.0)
-    _choice(s, "init", ("content", "noise", "image"))
     if s.init == "image" and not s.init_image:
         raise SettingsError('init "image" needs init_image (a path).')
     _int_in(s, "seed", 0, 2**63 - 1)
@@ -247,13 +267,10 @@ def _check(s: Settings) -> None:
     _int_in(s, "min_size", 16, 8192)
     _float_in(s, "early_stop", 0.0, 1.0)
     _int_in(s, "patience", 1, 10_000)
-    _choice(s, "preserve_colors", ("none", "luminance", "stats"))
-    _choice(s, "backbone", BACKBONES)
     if s.weights is not None and not isinstance(s.weights, str):
         raise SettingsError("weights must be a file path.")
     if not isinstance(s.device, str) or not s.device:
         raise SettingsError("device must be auto, cpu, cuda, cuda:N or mps.")
-    _choice(s, "precision", ("auto", "fp32", "bf16"))
     if s.channels_last is not None and not isinstance(s.channels_last, bool):
         raise SettingsError("channels_last must be true, false or unset.")
     for name in ("winograd", "fused_pooling"):
@@ -262,3 +279,6 @@ def _check(s: Settings) -> None:
     _int_in(s, "preview_every", 0, 100_000)
     if not isinstance(s.extra, dict):
         raise SettingsError("extra must be a mapping.")
+
+
+_CHOICES = _choices()

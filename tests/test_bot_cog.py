@@ -25,6 +25,7 @@ from bot.cog import CRASH, HELP, PasticheCog
 from bot.config import BotConfig, Limits
 from bot.origin import InteractionOrigin
 from bot.views import NOT_YOURS, TEMPLATE, CancelButton
+from core.images import read_metadata
 from core.jobs import JobState, ProgressUpdate, Runner, RunnerConfig
 from core.presets import load_presets
 
@@ -273,7 +274,9 @@ async def test_stylize_happy_path(make_cog, tiny_settings) -> None:
     img = image_of(file)
     assert img.format == "PNG" and max(img.size) == 32
     file.fp.seek(0)
-    assert len(file.fp.read()) <= 8 * MiB
+    png = file.fp.read()
+    assert len(png) <= 8 * MiB
+    assert read_metadata(png)["extra"]["front_end"] == "discord"
     fields = {f.name: f.value for f in result.kwargs["embed"].fields}
     assert fields["Style"] == "your image" and fields["Strength"] == "0.30"
     assert fields["Preserve colours"] == "luminance" and fields["Size"] == "32×24"

@@ -43,7 +43,7 @@ def test_defaults_are_the_dataclass_defaults() -> None:
     for f in FIELDS:
         expected = 0 if f.name == "preview_every" else getattr(Settings(), f.name)
         assert getattr(settings, f.name) == expected, f.name
-    assert settings.extra == {"frontend": "cli"}
+    assert settings.extra == {"front_end": "cli"}
 
 
 def _other_value(f: dataclasses.Field) -> tuple[list[str], object]:
@@ -361,7 +361,7 @@ def test_subprocess_stylize_end_to_end(
     meta = images.read_metadata(files["out"])
     assert meta is not None
     assert meta["settings"]["size"] == 64 and meta["settings"]["iterations"] == 3
-    assert meta["extra"] == {"frontend": "cli", "content": "content.png", "styles": ["style.png"]}
+    assert meta["extra"] == {"front_end": "cli", "content": "content.png", "styles": ["style.png"]}
 
 
 @pytest.mark.slow

@@ -16,7 +16,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +28,9 @@ from core.errors import BusyError, ImageError, LimitError, SettingsError
 from core.images import validate_image
 from core.jobs.events import JobCancelled
 from core.jobs.runner import Job, JobRequest, Runner, RunnerConfig
-from core.presets import PresetLibrary, load_presets
-from core.settings import QUALITY_ITERATIONS, Settings
+from core.presets import Preset, PresetLibrary, load_presets
+from core.requests import request_settings
+from core.settings import Settings
 
 log = logging.getLogger("pastiche.helper")
 
@@ -224,32 +225,11 @@ async def submit(request: web.Request) -> web.Response:
         )
     form = await request.post()
     content = _file_bytes(form.get("content"))
-    style = _file_bytes(form.get("style"))
-    preset_name = str(form.get("preset") or "").strip()
     if content is None:
         return _error(400, "The request has no 'content' image.")
+    preset_name = str(form.get("preset") or "").strip()
     try:
-        settings = _settings(state, form.get("settings"), form.get("quality"))
-        if style is not None:
-            label = str(form.get("style_name") or "style").strip()[:64] or "style"
-        elif preset_name:
-            preset = state.presets.get(preset_name)
-            style = await asyncio.to_thread(preset.read_bytes)
-            label = preset.name
-            if preset.strength is not None and not _client_set(form.get("settings"), "strength"):
-                settings = settings.replace(strength=preset.strength)
-        else:
-            return _error(400, "Choose a style: attach a 'style' image or name a 'preset'.")
-        max_pixels = state.runner.config.max_pixels if state.runner else None
-        kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-        await asyncio.to_thread(validate_image, content, name="the image", **kwargs)
-        await asyncio.to_thread(validate_image, style, name="the style image", **kwargs)
-        settings = settings.replace(extra={**settings.extra, "front_end": "gimp", "style": label})
-        runner = await state.started_runner()
-        job = await runner.submit(
-            JobRequest(content=content, styles=((style, 1.0),), settings=settings, label=label),
-            OWNER,
-        )
+        job, label = await _accept(state, form, content)
     except (ImageError, SettingsError) as exc:
         return _error(400, str(exc))
     except LimitError as exc:
@@ -262,6 +242,43 @@ async def submit(request: web.Request) -> web.Response:
     state.jobs[job.id] = Tracked(job, label, time.monotonic())
     log.info("job %s accepted (%s, %d bytes of content)", job.id, label, len(content))
     return web.json_response({"id": job.id, "position": job.position, "style": label}, status=201)
+
+
+async def _accept(
+    state: HelperState, form: Mapping[str, object], content: bytes
+) -> tuple[Job, str]:
+    """Check one job's form and submit it; raises the typed errors the handler turns into
+    HTTP answers (OSError: a preset file that cannot be read any more)."""
+    style = _file_bytes(form.get("style"))
+    preset_name = str(form.get("preset") or "").strip()
+    preset: Preset | None = None
+    if style is not None:
+        label = str(form.get("style_name") or "style").strip()[:64] or "style"
+    elif preset_name:
+        preset = state.presets.get(preset_name)
+        label = preset.name
+    else:
+        raise SettingsError("Choose a style: attach a 'style' image or name a 'preset'.")
+    settings = _settings(
+        state,
+        form.get("settings"),
+        form.get("quality"),
+        preset_strength=preset.strength if preset else None,
+        notes={"style": label},
+    )
+    if preset is not None:
+        style = await asyncio.to_thread(preset.read_bytes)
+    assert style is not None
+    max_pixels = state.runner.config.max_pixels if state.runner else None
+    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    await asyncio.to_thread(validate_image, content, name="the image", **kwargs)
+    await asyncio.to_thread(validate_image, style, name="the style image", **kwargs)
+    runner = await state.started_runner()
+    job = await runner.submit(
+        JobRequest(content=content, styles=((style, 1.0),), settings=settings, label=label),
+        OWNER,
+    )
+    return job, label
 
 
 @routes.get("/jobs/{id}")
@@ -335,37 +352,38 @@ def _file_bytes(value: object) -> bytes | None:
     return None
 
 
-def _client_set(raw: object, key: str) -> bool:
+def _client_options(raw: object) -> dict[str, Any]:
+    """The client's ``settings`` form field: a JSON object of Settings fields (or nothing)."""
+    if not raw:
+        return {}
     try:
-        return key in json.loads(str(raw)) if raw else False
+        client = json.loads(str(raw))
     except ValueError:
-        return False
+        raise SettingsError("The 'settings' field must be a JSON object.") from None
+    if not isinstance(client, dict):
+        raise SettingsError("The 'settings' field must be a JSON object.")
+    return client
 
 
-def _settings(state: HelperState, raw: object, quality: object) -> Settings:
-    """The helper's defaults overlaid with the client's ``settings`` JSON and ``quality`` tier."""
-    client: Any = {}
-    if raw:
-        try:
-            client = json.loads(str(raw))
-        except ValueError:
-            raise SettingsError("The 'settings' field must be a JSON object.") from None
-        if not isinstance(client, dict):
-            raise SettingsError("The 'settings' field must be a JSON object.")
-    refused = sorted(SERVER_ONLY_SETTINGS & set(client))
-    if refused:
-        raise SettingsError(
-            f"{', '.join(refused)} can only be set when the helper is started, not per job."
-        )
-    if quality:
-        tier = str(quality).strip().lower()
-        if tier not in QUALITY_ITERATIONS:
-            raise SettingsError(
-                f"quality must be one of {', '.join(QUALITY_ITERATIONS)}; got {tier!r}."
-            )
-        client.setdefault("iterations", QUALITY_ITERATIONS[tier])
-    merged = {**state.options.defaults.to_dict(), **client}
-    return Settings.from_dict(merged)
+def _settings(
+    state: HelperState,
+    raw: object,
+    quality: object,
+    *,
+    preset_strength: float | None = None,
+    notes: dict[str, Any] | None = None,
+) -> Settings:
+    """The helper's defaults overlaid with the client's ``settings`` JSON, its ``quality`` tier
+    and the preset's default strength."""
+    return request_settings(
+        "gimp",
+        _client_options(raw),
+        base=state.options.defaults,
+        quality=str(quality) if quality else None,
+        preset_strength=preset_strength,
+        locked=SERVER_ONLY_SETTINGS,
+        notes=notes,
+    )
 
 
 # ---- housekeeping ------------------------------------------------------------------------------
