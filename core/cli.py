@@ -33,6 +33,8 @@ from core.requests import request_settings
 from core.settings import QUALITIES, QUALITY_ITERATIONS, Settings
 
 PROG = "pastiche"
+DISTRIBUTION = "pastiche-paint"
+"""The name on the package index (pyproject.toml); ``pastiche`` there is another project."""
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Short help per field; types, defaults and choices come from the dataclass itself.
@@ -72,7 +74,7 @@ FIELD_HELP: dict[str, str] = {
 }
 _SKIP_FIELDS = {"extra"}
 _WEIGHT_SUFFIX = re.compile(r"^(?P<path>.+):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
-_DISPATCH = {  # command: (module, pip extra that provides its dependencies)
+_DISPATCH = {  # command: (module whose main(argv) returns the exit status, pip extra it needs)
     "bot": ("bot.__main__", "bot"),
     "helper": ("core.helper.server", "helper"),
     "bench": ("benchmarks.bench", None),
@@ -377,7 +379,7 @@ def _dispatch(command: str, module_name: str, extra: str | None, argv: list[str]
             raise PasticheError(
                 f"Cannot run `{PROG} {command}`: {module_name} is missing; it comes with {where}."
             ) from None
-        hint = f" Install it with: pip install 'pastiche[{extra}]'." if extra else ""
+        hint = f" Install it with: pip install '{DISTRIBUTION}[{extra}]'." if extra else ""
         raise PasticheError(
             f"Cannot run `{PROG} {command}`: it needs the Python package '{missing}'.{hint}"
         ) from None

@@ -17,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
@@ -216,8 +216,7 @@ def _to_8bit(img: Image.Image, subject: str) -> Image.Image:
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _grey_to_8bit(img)
     if mode == "LAB":
-        lab = ImageCms.createProfile("LAB")
-        return ImageCms.profileToProfile(img, lab, _SRGB, outputMode="RGB")
+        return _convert_profile(img, ImageCms.createProfile("LAB"))
     try:
         return img.convert("RGB")
     except ValueError:
@@ -236,7 +235,8 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16"):
         lo, hi = 0.0, 65535.0
     else:
-        lo, hi = (float(v) for v in img.convert("F").getextrema())
+        # One band, so (min, max); Pillow's type covers multi-band images too.
+        lo, hi = cast(tuple[float, float], img.convert("F").getextrema())
         if img.mode == "F" and 0.0 <= lo and hi <= 1.0:
             lo, hi = 0.0, 1.0
         elif 0.0 <= lo and hi <= 255.0:
@@ -267,12 +267,22 @@ def _to_srgb(img: Image.Image, icc: bytes, subject: str) -> Image.Image:
     alpha = img.getchannel("A") if img.mode in ("LA", "RGBA") else None
     base = img.convert({"LA": "L", "RGBA": "RGB"}.get(img.mode, img.mode)) if alpha else img
     try:
-        out = ImageCms.profileToProfile(base, profile, _SRGB, outputMode="RGB")
+        out = _convert_profile(base, profile)
     except (ImageCms.PyCMSError, OSError, ValueError) as exc:
         log.warning("%s: ICC conversion failed, assuming sRGB: %s", subject, exc)
         return img
     if alpha is not None:
         out.putalpha(alpha)
+    return out
+
+
+def _convert_profile(
+    img: Image.Image, profile: ImageCms.ImageCmsProfile | ImageCms.core.CmsProfile
+) -> Image.Image:
+    """``img`` from ``profile`` to sRGB, as a new RGB image."""
+    out = ImageCms.profileToProfile(img, profile, _SRGB, outputMode="RGB")
+    if out is None:  # Pillow returns None only for inPlace=True, which this never asks for
+        raise ValueError("the colour conversion returned no image")
     return out
 
 
@@ -390,7 +400,7 @@ def read_metadata(source: bytes | str | os.PathLike[str]) -> dict[str, Any] | No
                 # the image) when it is not there.
                 text = img.info.get(METADATA_KEY)
                 if text is None and img.width * img.height <= MAX_PIXELS:
-                    text = img.text.get(METADATA_KEY)  # type: ignore[attr-defined]
+                    text = img.text.get(METADATA_KEY)
             else:
                 comment = img.info.get("comment", b"")
                 prefix = f"{METADATA_KEY}:".encode()

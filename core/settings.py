@@ -236,6 +236,12 @@ def _choice(s: Settings, name: str, options: tuple[str, ...]) -> None:
 def _check(s: Settings) -> None:
     for name, options in _CHOICES.items():
         _choice(s, name, options)
+    _check_ranges(s)
+    _check_layers(s)
+    _check_switches(s)
+
+
+def _check_ranges(s: Settings) -> None:
     _int_in(s, "size", 16, 8192)
     _int_in(s, "iterations", 0, 100_000)
     if s.initial_iterations is not None:
@@ -246,6 +252,17 @@ def _check(s: Settings) -> None:
     _float_in(s, "style_weight", 0.0, 1e9)
     _float_in(s, "tv_weight", 0.0, 1e9)
     _float_in(s, "strength", 0.0, 1.0)
+    if s.style_depth is not None:
+        _int_in(s, "style_depth", 1, 64)
+    _float_in(s, "style_scale", 0.05, 8.0)
+    _int_in(s, "seed", 0, 2**63 - 1)
+    _int_in(s, "min_size", 16, 8192)
+    _float_in(s, "early_stop", 0.0, 1.0)
+    _int_in(s, "patience", 1, 10_000)
+    _int_in(s, "preview_every", 0, 100_000)
+
+
+def _check_layers(s: Settings) -> None:
     for name in ("content_layers", "style_layers"):
         layers = getattr(s, name)
         if layers is not None and (not layers or not all(isinstance(x, str) and x for x in layers)):
@@ -256,27 +273,21 @@ def _check(s: Settings) -> None:
             raise SettingsError("style_layer_weights must be non-negative and not all zero.")
         if s.style_layers is not None and len(weights) != len(s.style_layers):
             raise SettingsError("style_layer_weights needs one weight per style layer.")
-    if s.style_depth is not None:
-        _int_in(s, "style_depth", 1, 64)
-    _float_in(s, "style_scale", 0.05, 8.0)
+
+
+def _check_switches(s: Settings) -> None:
+    """Paths, the device string, on/off/unset flags and ``extra``."""
     if s.init == "image" and not s.init_image:
         raise SettingsError('init "image" needs init_image (a path).')
-    _int_in(s, "seed", 0, 2**63 - 1)
     if not isinstance(s.pyramid, bool):
         raise SettingsError("pyramid must be true or false.")
-    _int_in(s, "min_size", 16, 8192)
-    _float_in(s, "early_stop", 0.0, 1.0)
-    _int_in(s, "patience", 1, 10_000)
     if s.weights is not None and not isinstance(s.weights, str):
         raise SettingsError("weights must be a file path.")
     if not isinstance(s.device, str) or not s.device:
         raise SettingsError("device must be auto, cpu, cuda, cuda:N or mps.")
-    if s.channels_last is not None and not isinstance(s.channels_last, bool):
-        raise SettingsError("channels_last must be true, false or unset.")
-    for name in ("winograd", "fused_pooling"):
+    for name in ("channels_last", "winograd", "fused_pooling"):
         if getattr(s, name) is not None and not isinstance(getattr(s, name), bool):
             raise SettingsError(f"{name} must be true, false or unset.")
-    _int_in(s, "preview_every", 0, 100_000)
     if not isinstance(s.extra, dict):
         raise SettingsError("extra must be a mapping.")
 

@@ -287,7 +287,7 @@ def test_missing_front_end_is_a_clear_error(
     monkeypatch.delitem(sys.modules, "bot.__main__", raising=False)
     assert cli.main(["bot"]) == 2
     err = capsys.readouterr().err
-    assert "needs the Python package 'discord'" in err and "pastiche[bot]" in err
+    assert "needs the Python package 'discord'" in err and "pastiche-paint[bot]" in err
     assert cli.main(["gimp", "uninstall"]) == 2
     assert "only gimp command is 'install'" in capsys.readouterr().err
 

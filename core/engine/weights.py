@@ -228,7 +228,7 @@ def _counting_progress(tally: _Tally, label: str) -> Iterator[None]:
     so a connection that drops midway is reported as such rather than as a bad hash."""
     base: Any = tqdm  # looked up per call, so a test can substitute its own bar
 
-    class CountingBar(base):  # type: ignore[misc]  # tqdm is a class only at run time here
+    class CountingBar(base):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             kwargs.setdefault("desc", label)
             kwargs.setdefault("leave", False)

@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import traceback
+from typing import TYPE_CHECKING
 
 import gi
 
@@ -21,7 +22,10 @@ gi.require_version("GimpUi", "3.0")
 from gi.repository import Gimp, GimpUi, Gio, GLib, GObject  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pastiche_client as client  # noqa: E402
+if TYPE_CHECKING:  # the type checker knows the client by its package; GIMP runs this folder
+    from gimp_plugin.pastiche import pastiche_client as client
+else:
+    import pastiche_client as client
 
 PROC_NAME = "plug-in-pastiche"
 DIALOG_ARGS = ["style-file", "preset", "strength", "size", "quality", "preserve-colors"]

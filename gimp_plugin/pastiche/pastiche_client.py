@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ class HelperError(Exception):
 
 
 # ---- configuration -----------------------------------------------------------------------------
-def default_discovery_file(environ: dict[str, str] | None = None) -> Path:
+def default_discovery_file(environ: Mapping[str, str] | None = None) -> Path:
     """Where the helper writes its URL and token (same rules as core.helper.files)."""
     env = os.environ if environ is None else environ
     if env.get(DISCOVERY_ENV):
@@ -205,7 +205,7 @@ def candidates(
     url: str = "",
     token: str = "",
     config: dict[str, Any] | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> list[tuple[str, str, str]]:
     """(url, token, where it came from) to try. An explicit URL (arguments, then environment,
     then config.json) is used alone; otherwise the discovery file names the running helper."""
@@ -223,7 +223,7 @@ def candidates(
     return [(str(data["url"]), str(data["token"]), str(disc))] if data else []
 
 
-def discovery_file(config: dict[str, Any], environ: dict[str, str] | None = None) -> Path:
+def discovery_file(config: dict[str, Any], environ: Mapping[str, str] | None = None) -> Path:
     if config.get("discovery_file"):
         return Path(config["discovery_file"]).expanduser()
     return default_discovery_file(environ)
@@ -233,7 +233,7 @@ def connect(
     url: str = "",
     token: str = "",
     config: dict[str, Any] | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
     on_wait: Progress | None = None,
 ) -> HelperClient:
     """A client for a helper that answers /health, starting one if configured to."""
@@ -262,7 +262,7 @@ def connect(
 
 def start_helper(
     config: dict[str, Any],
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
     on_wait: Progress | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> HelperClient:
