@@ -72,6 +72,8 @@ def paint(content: Any, styles: Any, settings: Any = None, *, on_progress=None, 
             "label": settings.extra.get("label"),
             "steps": total,
             "threads": _torch_threads(),
+            "device": settings.device,
+            "weights": settings.weights,
         },
     )
 
