@@ -306,6 +306,23 @@ async def test_wire_rejects_what_is_not_a_job_or_an_event():
             wire.event_from_fields(broken, "x")
 
 
+@pytest.mark.slow
+async def test_the_engine_is_loaded_after_the_fork_only(tmp_path):
+    """A process forked after CUDA was initialised cannot use CUDA: the worker's parent never
+    imports torch; its child loads the real engine (and warms it up) after the fork."""
+
+    def maps() -> tuple[str, str]:
+        with celery_stack(tmp_path, 1, "--backbone", "random", "--device", "cpu") as stack:
+            (worker,) = stack.workers
+            child = stack.child_pids()[worker.node]
+            parent = Path(f"/proc/{worker.process.pid}/maps").read_text()
+            return parent, Path(f"/proc/{child}/maps").read_text() + worker.tail()
+
+    parent, child = await asyncio.to_thread(maps)
+    assert "libtorch" in child and "libtorch" not in parent
+    assert "warm-up done" in child
+
+
 # ---- load -----------------------------------------------------------------------------------
 async def test_fifty_jobs_from_ten_owners_each_end_once(runner, stack):
     jobs = await asyncio.gather(

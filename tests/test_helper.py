@@ -248,6 +248,11 @@ def test_public_bind_needs_force(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--force-public-bind" in capsys.readouterr().err
 
 
+def test_celery_backend_needs_a_redis_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    assert helper_cli.main(["--backend", "celery", "--broker", "http://example.org"]) == 2
+    assert "redis://" in capsys.readouterr().err
+
+
 async def test_serve_writes_discovery_and_exits_when_idle(tmp_path: Path) -> None:
     disc = tmp_path / "helper.json"
     opts = HelperOptions(token=TOKEN, probe=False, start_workers=False, idle_exit=1.0)

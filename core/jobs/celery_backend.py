@@ -148,6 +148,8 @@ class CeleryBackend:
             task_id=job_id,
             queue=QUEUE,
             time_limit=backstop,  # Celery kills the child if all else failed
+            argsrepr="()",
+            kwargsrepr=repr({"job_id": job_id}),  # no user images in logs or Flower
         )
 
     def revoke(self, job_id: str) -> None:
@@ -341,10 +343,11 @@ class _RemoteJob:
 
     async def _forget(self) -> None:
         """Leave a tombstone (no copy of this job may ever start) and drop the rest."""
+        ignored = (asyncio.TimeoutError, *_connection_errors())
         try:
             pipe = self.redis.pipeline(transaction=False)
             pipe.set(self.keys.stop, "over", ex=KEY_TTL)
             pipe.delete(self.keys.events, self.keys.wake, self.keys.sent)
             await asyncio.wait_for(pipe.execute(), 5)
-        except (asyncio.TimeoutError, *_connection_errors()):
+        except ignored:
             pass  # every key expires by itself

@@ -91,6 +91,8 @@ class WorkerOptions:
     engine: str = "core.engine:stylize"
     warmup: bool = True
     node: str = "pastiche@localhost"
+    threads: int | None = None
+    """Torch CPU threads; None = torch's default (all cores)."""
 
     def server_side(self, settings: Settings) -> Settings:
         """A job's settings with this worker's device and weights, and no file paths."""
@@ -115,6 +117,12 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     from redis import exceptions as rx
 
     return (rx.ConnectionError, rx.TimeoutError, OSError)
+
+
+def _redis_error() -> type[BaseException]:
+    from redis import RedisError
+
+    return RedisError
 
 
 def _retrying(action: Callable[[], T], what: str, patience: float = OUTAGE_GRACE) -> T:
@@ -181,7 +189,7 @@ class _Heartbeat(threading.Thread):
                 else:
                     self._watch(keys)
                 self._failing = False
-            except _connection_errors() as exc:
+            except (*_connection_errors(), _redis_error()) as exc:
                 if not self._failing:
                     log.warning("heartbeat: Redis unavailable (%s); retrying", exc)
                 self._failing = True
@@ -208,7 +216,7 @@ class _Heartbeat(threading.Thread):
 
     def _watch(self, keys: JobKeys) -> None:
         """Wait for the next beat, waking at once when the runner pushes a stop request."""
-        if self.redis.blpop([keys.wake], timeout=HEARTBEAT_INTERVAL):
+        if self.redis.blpop([keys.wake], timeout=max(1, int(HEARTBEAT_INTERVAL))):
             self._request_stop(keys)
 
     def _request_stop(self, keys: JobKeys) -> None:
@@ -267,6 +275,7 @@ class _Painter:
             "pid": os.getpid(),
             "device": options.device,
             "backbone": options.backbone,
+            "weights": options.weights,
             "version": __version__,
             "since": time.time(),
             "job": None,
@@ -274,6 +283,10 @@ class _Painter:
         self.heart = _Heartbeat(options.broker, options.node, info)
         self.engine: EngineFn | None = None
         try:
+            if options.threads is not None:
+                import torch
+
+                torch.set_num_threads(options.threads)
             self.engine = load_engine(options.engine)
         except Exception:
             log.exception("cannot load the engine %s", options.engine)
@@ -291,7 +304,8 @@ class _Painter:
         started = time.monotonic()
         content = encode_image(Image.linear_gradient("L").resize((48, 48)).convert("RGB"), "png")
         style = encode_image(Image.effect_noise((48, 48), 64).convert("RGB"), "png")
-        settings = self.options.server_side(Settings(size=48, iterations=1, pyramid=False))
+        tiny = Settings(size=48, iterations=1, pyramid=False, backbone=self.options.backbone)  # type: ignore[arg-type]
+        settings = self.options.server_side(tiny)
         try:
             self.engine(content, [(style, 1.0)], settings)
             log.info("warm-up done in %.1f s", time.monotonic() - started)
@@ -495,6 +509,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--name", default=None, help="worker name (default: pastiche@HOSTNAME)")
     p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: all cores; give CPU workers sharing a machine fewer)",
+    )
+    p.add_argument(
         "--no-warmup", action="store_true", help="do not paint a tiny image before the first job"
     )
     p.add_argument(
@@ -520,6 +540,8 @@ def options_from(args: argparse.Namespace) -> WorkerOptions:
     if ":" not in args.engine or importlib.util.find_spec(module) is None:
         raise SettingsError(f"--engine must be an importable module:function, got {args.engine}.")
     Settings(device=args.device, backbone=args.backbone)  # validates both
+    if args.threads is not None and args.threads < 1:
+        raise SettingsError("--threads must be at least 1.")
     weights = str(Path(args.weights).expanduser().resolve()) if args.weights else None
     return WorkerOptions(
         broker=url,
@@ -529,6 +551,7 @@ def options_from(args: argparse.Namespace) -> WorkerOptions:
         engine=args.engine,
         warmup=not args.no_warmup,
         node=node_name(args.name),
+        threads=args.threads,
     )
 
 
