@@ -48,6 +48,8 @@ def make_backend(config: BotConfig, runner: RunnerConfig) -> Backend | None:
         return None
     from core.jobs.celery_backend import CeleryBackend
 
+    if config.engine.weights or config.engine.device != "auto":
+        log.info("backend = celery: each worker uses its own weights and device, not [engine]'s")
     return CeleryBackend(runner, config.broker)
 
 

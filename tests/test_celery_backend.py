@@ -166,6 +166,14 @@ async def test_cancel_queued_in_the_broker_and_running(stack):
         waiting = await runner.submit(req(), owner="cancel-broker")
         queued = await runner.submit(req(), owner="cancel-runner")
         assert queued.position == 1 and waiting.position is None
+        client = stack.server.client()
+        for _ in range(WAIT * 10):  # published...
+            if client.llen(QUEUE):
+                break
+            await asyncio.sleep(0.1)
+        for _ in range(10):  # ...and no busy worker reserves it behind its long job (no prefetch)
+            await asyncio.sleep(0.1)
+            assert client.llen(QUEUE) == 1 and not client.exists(JobKeys(waiting.id).claim)
         assert await queued.cancel() and isinstance(await finish(queued), JobCancelled)
         assert await waiting.cancel() and isinstance(await finish(waiting), JobCancelled)
         for job in running:
@@ -175,7 +183,6 @@ async def test_cancel_queued_in_the_broker_and_running(stack):
             assert isinstance(end, JobCancelled) and "cancelled" in end.reason
         assert stack.child_pids() == pids  # stopped through should_stop, not killed
         # The cancelled message is still taken by a worker once one is free, and dropped.
-        client = stack.server.client()
         keys = JobKeys(waiting.id)
         for _ in range(WAIT * 10):
             if client.exists(keys.claim) and client.exists(keys.events):

@@ -83,6 +83,7 @@ class CeleryBackend:
         self.outage_grace = outage_grace
         self.redis: Any = None
         self.app: Any = None
+        self.tombstones: set[str] = set()  # ended jobs whose tombstone Redis has yet to get
         self._closing = False
 
     @property
@@ -101,6 +102,7 @@ class CeleryBackend:
             raise BrokerError(explain(exc, self.broker)) from None
         self.redis = client
         self.app = make_app(self.broker)
+        await asyncio.to_thread(lambda: (self.app.amqp, self.app.producer_pool))  # build once
         workers = await self.workers()
         if workers:
             log.info("broker %s: %d worker(s) ready", redact(self.broker), len(workers))
@@ -342,12 +344,18 @@ class _RemoteJob:
             self.republish_at = now + HEARTBEAT_TTL
 
     async def _forget(self) -> None:
-        """Leave a tombstone (no copy of this job may ever start) and drop the rest."""
-        ignored = (asyncio.TimeoutError, *_connection_errors())
+        """Leave a tombstone (no copy of this job may ever start) and drop the rest; during an
+        outage the tombstone waits for the next job that reaches Redis."""
+        ignored: tuple[type[BaseException], ...] = (asyncio.TimeoutError, *_connection_errors())
+        owed = self.backend.tombstones
+        owed.add(self.job_id)
+        pending = sorted(owed)
         try:
             pipe = self.redis.pipeline(transaction=False)
-            pipe.set(self.keys.stop, "over", ex=KEY_TTL)
+            for job_id in pending:
+                pipe.set(JobKeys(job_id).stop, "over", ex=KEY_TTL)
             pipe.delete(self.keys.events, self.keys.wake, self.keys.sent)
             await asyncio.wait_for(pipe.execute(), 5)
         except ignored:
-            pass  # every key expires by itself
+            return  # the other keys expire by themselves
+        owed.difference_update(pending)
