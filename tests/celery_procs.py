@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -49,9 +50,11 @@ def require_redis_server() -> str:
 
 
 @contextmanager
-def celery_stack(workdir: Path, workers: int, *worker_args: str) -> Iterator[Stack]:
+def celery_stack(
+    workdir: Path, workers: int, *worker_args: str, tls: tuple[Path, Path, Path] | None = None
+) -> Iterator[Stack]:
     """A private Redis and ``workers`` running ``pastiche worker``; all stopped on exit."""
-    server = RedisServer(workdir, require_redis_server())
+    server = RedisServer(workdir, require_redis_server(), tls)
     server.start()
     stack = Stack(server, workdir, list(worker_args))
     try:
@@ -103,6 +106,54 @@ class Stack:
         self.server.stop()
 
 
+def make_certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A throwaway CA and a certificate for 127.0.0.1 signed by it: (cert, key, ca) files."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.now(dt.timezone.utc)
+
+    def build(subject: str, issuer: x509.Name | None, signer: Any, key: Any, ca: bool) -> Any:
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(issuer or name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = build("pastiche test CA", None, ca_key, ca_key, ca=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = build("127.0.0.1", ca_cert.subject, ca_key, key, ca=False)
+    paths = (folder / "server.pem", folder / "server.key", folder / "ca.pem")
+    paths[0].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption(),
+        )
+    )
+    paths[2].write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    return paths
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -110,17 +161,29 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A private redis-server; ``url`` carries its password."""
+    """A private redis-server; ``url`` carries its password. With ``tls`` (certificate, key
+    and CA files) it speaks TLS only, and ``url`` is rediss:// trusting that CA."""
 
-    def __init__(self, workdir: Path, binary: str) -> None:
-        self.workdir, self.binary = workdir, binary
+    def __init__(self, workdir: Path, binary: str, tls: tuple[Path, Path, Path] | None = None):
+        self.workdir, self.binary, self.tls = workdir, binary, tls
         self.password = secrets.token_hex(8)
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
+        if self.tls is not None:
+            ca = self.tls[2]
+            return f"rediss://:{self.password}@127.0.0.1:{self.port}/0?ssl_ca_certs={ca}"
         return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    def _listen(self) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(self.port)]
+        cert, key, ca = self.tls
+        return ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(cert),
+                "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+                "--tls-auth-clients", "no"]  # fmt: skip
 
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=5)
@@ -134,7 +197,7 @@ class RedisServer:
 
     def _spawn(self, timeout: float = 10.0) -> bool:
         self.process = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1",
+            [self.binary, *self._listen(), "--bind", "127.0.0.1",
              "--requirepass", self.password, "--save", "", "--appendonly", "no",
              "--dir", str(self.workdir), "--logfile", str(self.workdir / "redis.log")],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

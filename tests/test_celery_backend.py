@@ -42,7 +42,7 @@ from core.jobs.broker import QUEUE, WORKER_LOST, BrokerError, JobKeys, make_app,
 from core.jobs.celery_backend import CeleryBackend
 from core.jobs.celery_worker import NO_INIT_IMAGE, REDELIVERED
 from core.settings import Settings
-from tests.celery_procs import ROOT, celery_stack
+from tests.celery_procs import ROOT, celery_stack, make_certificates
 from tests.conftest import image_bytes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -295,6 +295,24 @@ async def test_broker_errors_are_clear(stack):
         )  # fmt: skip
         assert out.returncode == 2 and needle in out.stderr
         assert stack.server.password not in out.stderr
+
+
+async def test_tls_broker_with_a_private_ca(tmp_path):
+    cert, key, ca = make_certificates(tmp_path)
+    args = ("--engine", "tests.fake_engines:by_mode", "--device", "cpu")
+    started = celery_stack(tmp_path, 1, *args, tls=(cert, key, ca))
+    stack = await asyncio.to_thread(started.__enter__)
+    try:
+        assert stack.url.startswith("rediss://")
+        untrusted = stack.url.split("?")[0]  # certificates are checked: without the CA, refused
+        with pytest.raises(BrokerError, match="does not trust"):
+            await CeleryBackend(config(), untrusted).start()
+        cfg = config(workers=1)
+        async with Runner(cfg, backend=CeleryBackend(cfg, stack.url)) as tls_runner:
+            job = await tls_runner.submit(req(), owner="tls")
+            assert isinstance(await finish(job), Done)
+    finally:
+        await asyncio.to_thread(started.__exit__, None, None, None)
 
 
 async def test_wire_rejects_what_is_not_a_job_or_an_event():

@@ -153,6 +153,11 @@ def explain(exc: BaseException, url: str) -> str:
             f"Redis at {where} refused the password ({text}). Check the password in the "
             f"broker URL (redis://:PASSWORD@host:port/0)."
         )
+    if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "SSL" in type(exc).__name__:
+        return (
+            f"Redis at {where} presented a TLS certificate this machine does not trust "
+            f"({text}). Add ?ssl_ca_certs=/path/to/ca.pem to the broker URL for a private CA."
+        )
     if isinstance(exc, (rx.ConnectionError, rx.TimeoutError, OSError)):
         return (
             f"Cannot reach Redis at {where} ({text}). Is it running, and does its firewall "
