@@ -40,7 +40,7 @@ from core.jobs import (
 from core.jobs.backend import GENERIC_FAILURE
 from core.jobs.broker import QUEUE, WORKER_LOST, BrokerError, JobKeys, make_app, normalise_url
 from core.jobs.celery_backend import CeleryBackend
-from core.jobs.celery_worker import NO_INIT_IMAGE, REDELIVERED
+from core.jobs.celery_painter import NO_INIT_IMAGE, REDELIVERED
 from core.settings import Settings
 from tests.celery_procs import ROOT, celery_stack, make_certificates
 from tests.conftest import image_bytes
