@@ -66,8 +66,9 @@ class HelperOptions:
     runner_config: RunnerConfig | None = None
     """Overrides workers/max_queue (tests use it to shorten limits)."""
     backend: str = "local"
-    """"local" worker processes, or "celery": workers on other machines (opt-in; see
-    docs/SCALING.md). Those workers use their own weights and device, not ``defaults``'."""
+    """Where jobs are painted: local worker processes, or "celery" for workers on other
+    machines (opt-in, docs/SCALING.md), which use their own weights and device, not
+    ``defaults``'s."""
     broker: str | None = None
     """Redis URL of the Celery broker (backend "celery")."""
 
