@@ -5,7 +5,11 @@ Example (every key optional except a token from somewhere)::
     token = "..."                 # or set DISCORD_TOKEN, which wins over the file
     presets = "styles/"           # folder holding presets.toml (see docs/BOT.md)
     guild_id = 123456789012345678 # sync slash commands to this guild only (instant; for testing)
-    workers = 1                   # worker processes running the engine
+    workers = 1                   # worker processes running the engine (with backend =
+                                  # "celery": the number of GPU workers serving the broker)
+    backend = "local"             # "local" (worker processes on this machine) or "celery"
+    broker = "redis://:PASSWORD@redis:6379/0"  # backend = "celery" only; or set
+                                  # PASTICHE_BROKER_URL, which wins (docs/SCALING.md)
     message_content = false       # privileged intent; only needed to read images in replied-to
                                   # messages that do not themselves mention the bot
     default_preset = ""           # used when a mention names no preset and attaches no style
@@ -45,6 +49,7 @@ else:  # pragma: no cover
 
 from core.errors import PasticheError, SettingsError
 from core.images import MAX_PIXELS
+from core.jobs.broker import BROKER_ENV, BrokerError, normalise_url
 from core.requests import request_settings
 from core.settings import Backbone, Quality, Settings
 
@@ -104,9 +109,16 @@ class BotConfig:
     default_preset: str | None = None
     limits: Limits = field(default_factory=Limits)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    backend: str = "local"
+    """Where jobs are painted: "local" worker processes, or "celery" workers on other
+    machines reached through ``broker`` (docs/SCALING.md)."""
+    broker: str | None = None
+    """Redis URL of the Celery broker (backend = "celery")."""
 
 
 _TOP = {"token", "presets", "guild_id", "workers", "message_content", "default_preset"}
+_TOP |= {"backend", "broker"}
+BACKENDS = ("local", "celery")
 
 
 def load_config(
@@ -161,6 +173,8 @@ def config_from_dict(
         default_preset=(_opt_str(data, "default_preset") or None),
         limits=limits,
         engine=engine,
+        backend=_opt_str(data, "backend") or "local",
+        broker=env.get(BROKER_ENV) or _opt_str(data, "broker"),
     )
     _check(cfg)
     return cfg
@@ -209,6 +223,17 @@ def _check(cfg: BotConfig) -> None:
         raise ConfigError(f"Bad [engine] setting: {exc}") from None
     if eng.size > lim.max_size:
         raise ConfigError("engine.size must not exceed limits.max_size.")
+    _check_backend(cfg)
+
+
+def _check_backend(cfg: BotConfig) -> None:
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}.")
+    if cfg.backend == "celery":
+        try:
+            normalise_url(cfg.broker)
+        except BrokerError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _path(value: str, base: Path) -> Path:

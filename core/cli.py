@@ -77,6 +77,7 @@ _WEIGHT_SUFFIX = re.compile(r"^(?P<path>.+):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(
 _DISPATCH = {  # command: (module whose main(argv) returns the exit status, pip extra it needs)
     "bot": ("bot.__main__", "bot"),
     "helper": ("core.helper.server", "helper"),
+    "worker": ("core.jobs.celery_worker", "celery"),
     "bench": ("benchmarks.bench", None),
 }
 log = logging.getLogger("pastiche")
@@ -224,6 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Front ends parse their own options; these entries exist for --help only (see main()).
     sub.add_parser("bot", help="run the Discord bot (pastiche bot --help)", add_help=False)
     sub.add_parser("helper", help="run the local helper for the GIMP plug-in", add_help=False)
+    sub.add_parser(
+        "worker",
+        help="paint jobs from a Celery broker on this GPU (docs/SCALING.md)",
+        add_help=False,
+    )
     sub.add_parser("gimp", help="pastiche gimp install: install the GIMP 3 plug-in", add_help=False)
     sub.add_parser("bench", help="run the benchmarks (from a source checkout)", add_help=False)
     return parser

@@ -88,6 +88,8 @@ def paint(
             "label": settings.extra.get("label"),
             "steps": total,
             "threads": _torch_threads(),
+            "device": settings.device,
+            "weights": settings.weights,
         },
     )
 

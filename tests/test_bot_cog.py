@@ -1,5 +1,9 @@
 """The cog end to end: mocked Discord objects, the real job runner with a real worker process and
-the random-weight VGG19 on tiny images. Nothing here talks to Discord."""
+the random-weight VGG19 on tiny images. Nothing here talks to Discord.
+
+The tests that need a runner run twice: with the local backend (a spawned worker process) and
+with the Celery backend (a real redis-server and a real ``pastiche worker`` with the same
+random-weight checkpoint)."""
 
 from __future__ import annotations
 
@@ -27,8 +31,10 @@ from bot.origin import InteractionOrigin
 from bot.views import NOT_YOURS, TEMPLATE, CancelButton
 from core.images import read_metadata
 from core.jobs import JobState, ProgressUpdate, Runner, RunnerConfig
+from core.jobs.celery_backend import CeleryBackend
 from core.presets import load_presets
 
+from .celery_procs import Stack, celery_stack
 from .conftest import image_bytes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -132,10 +138,33 @@ def last_embed(message: FakeMessage) -> discord.Embed:
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["local", "celery"])
+def painters(request, vgg19_checkpoint: Path, tmp_path_factory):
+    """Where jobs are painted: None for local worker processes, else a Redis + worker stack."""
+    if request.param == "local":
+        yield None
+        return
+    args = ("--weights", str(vgg19_checkpoint), "--device", "cpu")
+    with celery_stack(tmp_path_factory.mktemp("celery"), 1, *args) as stack:
+        yield stack
+
+
+def make_runner(config: RunnerConfig, painters: Stack | None) -> Runner:
+    backend = None if painters is None else CeleryBackend(config, painters.url)
+    return Runner(config, backend=backend)
+
+
+def worker_pids(runner: Runner, painters: Stack | None) -> list[int]:
+    """The pids of the processes that paint (for Celery: the workers' children)."""
+    if painters is None:
+        return runner.backend.pids
+    return sorted(painters.child_pids().values())
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def runner():
+async def runner(painters):
     config = RunnerConfig(workers=1, max_queue=2, max_per_owner=2, job_timeout=120, stop_grace=2.0)
-    r = Runner(config)  # started by the first test that submits a job
+    r = make_runner(config, painters)  # started by the first test that submits a job
     yield r
     try:
         assert r.queue_length == 0 and not r.running, "a test left a job behind"
@@ -414,13 +443,15 @@ async def test_bad_requests_get_a_clear_ephemeral_answer(make_cog, runner, optio
 
 
 @pytest.mark.slow
-async def test_worker_crash_is_reported_and_the_bot_carries_on(make_cog, tiny_settings, runner):
+async def test_worker_crash_is_reported_and_the_bot_carries_on(
+    make_cog, tiny_settings, runner, painters
+):
     cog = make_cog(settings=tiny_settings(size=32, min_size=32, iterations=5000))
     inter = FakeInteraction()
     await stylize(cog, inter, **both(inter.log))
     (job,) = runner.jobs_of(str(inter.user.id))
     await asyncio.wait_for(until(job, ProgressUpdate), WAIT)
-    (pid,) = runner.backend.pids
+    (pid,) = worker_pids(runner, painters)
     os.kill(pid, signal.SIGKILL)
     await settle(cog)
     final = status_message(inter).edits[-1]["embed"]
@@ -431,7 +462,7 @@ async def test_worker_crash_is_reported_and_the_bot_carries_on(make_cog, tiny_se
     await stylize(cog, again, **both(again.log))
     await settle(cog)
     assert image_of(files_of(again.followup_sender.messages[-1])[0]).format == "PNG"
-    assert runner.backend.pids and runner.backend.pids != [pid]
+    assert worker_pids(runner, painters) and worker_pids(runner, painters) != [pid]
 
 
 @pytest.mark.slow
@@ -587,8 +618,10 @@ async def test_unhandled_command_errors_are_reported(make_cog, caplog) -> None:
 
 
 @pytest.mark.slow
-async def test_shutdown_tells_users_their_jobs_were_cancelled(presets, tiny_settings) -> None:
-    own = Runner(RunnerConfig(engine="tests.fake_engines:paint", stop_grace=2.0))
+async def test_shutdown_tells_users_their_jobs_were_cancelled(
+    presets, tiny_settings, painters
+) -> None:
+    own = make_runner(RunnerConfig(engine="tests.fake_engines:paint", stop_grace=2.0), painters)
     limits = Limits(cooldown=0.0, status_interval=0.0)
     bot = PasticheBot(BotConfig(limits=limits), presets, runner=own,
                       base_settings=tiny_settings(iterations=100_000))  # fmt: skip

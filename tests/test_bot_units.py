@@ -60,6 +60,9 @@ def test_config_file_env_token_and_relative_paths(tmp_path: Path) -> None:
         ({"engine": {"size": 4096}}, "max_size"),
         ({"message_content": "yes"}, "true or false"),
         ({"limits": {"colour": 1}}, "Unknown key(s) in [limits]"),
+        ({"backend": "gpu"}, "backend must be one of local, celery"),
+        ({"backend": "celery"}, "No broker URL"),
+        ({"backend": "celery", "broker": "amqp://localhost"}, "redis://"),
     ],
 )
 def test_config_rejects_bad_values(data: dict, needle: str) -> None:
@@ -321,9 +324,29 @@ def test_main_check_reports_preset_problems(tmp_path: Path, caplog, monkeypatch)
     assert entry.main(["--config", str(tmp_path / "bad.toml")]) == 2
 
 
+def test_celery_backend_from_the_config(tmp_path: Path, capsys, monkeypatch) -> None:
+    from bot.app import PasticheBot
+    from core.jobs.celery_backend import CeleryBackend
+    from core.presets import PresetLibrary
+
+    monkeypatch.delenv("PASTICHE_BROKER_URL", raising=False)
+    data = {"backend": "celery", "broker": "redis://:file@127.0.0.1:1/0", "workers": 3}
+    env = {"PASTICHE_BROKER_URL": "redis://:env@127.0.0.1:1/0"}
+    assert config_from_dict(data, env=env).broker == env["PASTICHE_BROKER_URL"]  # env wins
+    cfg = config_from_dict(data)
+    bot = PasticheBot(cfg, PresetLibrary())
+    assert isinstance(bot.runner.backend, CeleryBackend) and bot.runner.backend.capacity == 3
+    # --check asks the broker; nothing listens on port 1.
+    (tmp_path / "bot.toml").write_text('backend = "celery"\nbroker = "redis://:pw@127.0.0.1:1/0"\n')
+    assert entry.main(["--config", str(tmp_path / "bot.toml"), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "Cannot reach Redis at redis://:***@127.0.0.1:1/0" in err and ":pw@" not in err
+
+
 def test_bot_process_does_not_import_torch() -> None:
     code = (
-        "import sys, bot.__main__, bot.app, bot.cog, core.jobs, core.presets; "
+        "import sys, bot.__main__, bot.app, bot.cog, core.jobs, core.presets, "
+        "core.jobs.celery_backend, core.jobs.celery_worker; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

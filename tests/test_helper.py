@@ -1,7 +1,8 @@
 """The GIMP helper's HTTP API, its files, the plug-in's stdlib client and the installer.
 
 Requests that never reach a worker run against helpers whose workers are never started; the
-tests that paint share one helper with one real worker (random-weight VGG19, tiny images).
+tests that paint share one helper with one real worker (random-weight VGG19, tiny images),
+once with the local backend and once with the Celery one (a real Redis and ``pastiche worker``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from core.jobs import RunnerConfig
 from core.settings import QUALITY_ITERATIONS, Settings
 from gimp_plugin import install as installer
 
+from .celery_procs import celery_stack
 from .conftest import image_bytes, settings_for
 
 TOKEN = "s3cret-token"
@@ -246,6 +248,11 @@ def test_public_bind_needs_force(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--force-public-bind" in capsys.readouterr().err
 
 
+def test_celery_backend_needs_a_redis_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    assert helper_cli.main(["--backend", "celery", "--broker", "http://example.org"]) == 2
+    assert "redis://" in capsys.readouterr().err
+
+
 async def test_serve_writes_discovery_and_exits_when_idle(tmp_path: Path) -> None:
     disc = tmp_path / "helper.json"
     opts = HelperOptions(token=TOKEN, probe=False, start_workers=False, idle_exit=1.0)
@@ -435,8 +442,21 @@ def test_plugin_starts_the_helper_which_exits_when_idle(tmp_path: Path) -> None:
 
 
 # ---- painting with a real worker ---------------------------------------------------------------
+@pytest.fixture(scope="module", params=["local", "celery"])
+def backend_options(request, vgg19_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The helper's own worker process, or (opt-in) a ``pastiche worker`` behind a real Redis."""
+    if request.param == "local":
+        yield {}
+        return
+    args = ("--weights", str(vgg19_checkpoint), "--device", "cpu")
+    with celery_stack(tmp_path_factory.mktemp("celery"), 1, *args) as stack:
+        yield {"backend": "celery", "broker": stack.url}
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def painter(vgg19_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+async def painter(
+    vgg19_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, backend_options
+):
     """One helper with one real worker, shared by the tests that paint."""
     presets = tmp_path_factory.mktemp("presets")
     (presets / "waves.png").write_bytes(image_bytes(width=40, height=40, seed=7))
@@ -449,6 +469,7 @@ async def painter(vgg19_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
         presets=presets,
         probe=True,
         runner_config=RunnerConfig(workers=1, max_queue=2, max_per_owner=10),
+        **backend_options,
     )
     client = TestClient(TestServer(create_app(opts), host="127.0.0.1"))
     await client.start_server()
@@ -486,7 +507,11 @@ async def test_happy_path_returns_a_png(painter: TestClient) -> None:
     assert meta["settings"]["strength"] == 0.7 and meta["extra"]["front_end"] == "gimp"
     health = await (await painter.get("/health", headers=AUTH)).json()
     assert health["ready"] is True
-    assert health["device"] == "cpu" and health["weights_present"] is True  # probe has finished
+    assert health["device"] == "cpu"  # the probe has finished (locally, or asked the broker)
+    if health["backend"] == "celery":
+        assert "1 remote worker" in health["weights_message"]
+    else:
+        assert health["backend"] == "local" and health["weights_present"] is True
 
 
 @module_loop

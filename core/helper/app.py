@@ -26,6 +26,7 @@ from aiohttp import web
 from core import __version__
 from core.errors import BusyError, ImageError, LimitError, SettingsError
 from core.images import validate_image
+from core.jobs.broker import BrokerError
 from core.jobs.events import JobCancelled
 from core.jobs.runner import Job, JobRequest, Runner, RunnerConfig
 from core.presets import Preset, PresetLibrary, load_presets
@@ -65,6 +66,12 @@ class HelperOptions:
     """Seconds between housekeeping passes; None = derived from the timeouts."""
     runner_config: RunnerConfig | None = None
     """Overrides workers/max_queue (tests use it to shorten limits)."""
+    backend: str = "local"
+    """Where jobs are painted: local worker processes, or "celery" for workers on other
+    machines (opt-in, docs/SCALING.md), which use their own weights and device, not
+    ``defaults``'s."""
+    broker: str | None = None
+    """Redis URL of the Celery broker (backend "celery")."""
 
 
 @dataclass
@@ -199,6 +206,7 @@ async def health(request: web.Request) -> web.Response:
             "queue_length": runner.queue_length if runner else 0,
             "running": len(runner.running) if runner else 0,
             "workers": (opts.runner_config.workers if opts.runner_config else opts.workers),
+            "backend": opts.backend,
             "styles": len(state.presets),
         }
     )
@@ -236,6 +244,8 @@ async def submit(request: web.Request) -> web.Response:
         return _error(413, str(exc))
     except BusyError as exc:
         return _error(429, str(exc), retry_after=10)
+    except BrokerError as exc:
+        return _error(503, str(exc))
     except OSError as exc:
         log.warning("cannot read preset %s: %s", preset_name, exc)
         return _error(500, f"The helper cannot read the {preset_name!r} style image.")
@@ -410,7 +420,11 @@ async def housekeeping(state: HelperState) -> None:
 
 
 async def run_probe(state: HelperState) -> None:
-    """Ask a short-lived process which device and weights the workers will use."""
+    """Ask a short-lived process which device and weights the workers will use (with
+    remote workers: ask the broker which are connected)."""
+    if state.options.backend == "celery":
+        await _probe_remote(state)
+        return
     settings_json = json.dumps(state.options.defaults.to_dict())
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -433,6 +447,34 @@ async def run_probe(state: HelperState) -> None:
         state.probe = {"probe": "failed"}
 
 
+async def _probe_remote(state: HelperState) -> None:
+    try:
+        runner = await state.started_runner()
+        workers = await runner.backend.workers()  # type: ignore[attr-defined]
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.warning("could not ask the broker about its workers: %s", exc)
+        state.probe = {"probe": "failed"}
+        return
+    devices = sorted({str(w.get("device")) for w in workers})
+    state.probe = {
+        "device": ", ".join(devices) or "no worker connected",
+        "weights_present": None,
+        "weights_path": None,
+        "weights_message": f"{len(workers)} remote worker(s) with their own weights.",
+    }
+    log.info("remote workers: %s", workers)
+
+
+def _backend(opts: HelperOptions, config: RunnerConfig) -> Any:
+    if opts.backend != "celery":
+        return None
+    from core.jobs.celery_backend import CeleryBackend
+
+    return CeleryBackend(config, opts.broker)
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     opts = state.options
@@ -446,7 +488,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks: list[asyncio.Task[None]] = []
     if opts.probe:
         tasks.append(asyncio.create_task(run_probe(state)))
-    state.runner = Runner(config)
+    state.runner = Runner(config, backend=_backend(opts, config))
     if opts.start_workers:
         state.starting = asyncio.create_task(state.runner.start())
     state.touch()
