@@ -44,7 +44,8 @@ from core.jobs.events import (
     Started,
     TerminalEvent,
 )
-from core.jobs.worker import PREVIEW_INTERVAL, PROGRESS_INTERVAL, EngineFn, load_engine
+from core.jobs.worker import PREVIEW_INTERVAL, PROGRESS_INTERVAL, load_engine
+from core.jobs.worker import StylizeFn as EngineFn
 from core.settings import Settings
 
 log = logging.getLogger("pastiche.worker")
