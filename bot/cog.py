@@ -21,6 +21,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from core.errors import BusyError, PasticheError, SettingsError
+from core.images import accepted_formats
 from core.jobs import (
     Done,
     Failed,
@@ -114,7 +115,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
     # ---- slash commands ------------------------------------------------------------------
     @app_commands.command(name="stylize", description="Paint a photo in the style of an image.")
     @app_commands.describe(
-        photo="The photo to paint (PNG, JPEG or WebP).",
+        photo=f"The photo to paint ({accepted_formats()}).",
         style="A painting whose style to copy.",
         preset="Or one of the bot's style presets (see /styles).",
         strength="0 = close to the photo, 1 = mostly style; default: the preset's, else 0.5.",

@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Paint CONTENT in the style of the --style images.",
         epilog="Example: pastiche stylize me.jpg --style starry.jpg:2 --style scream.jpg -o out.png",
     )
-    st.add_argument("content", metavar="CONTENT", help="the photo (PNG, JPEG, WebP, ...)")
+    st.add_argument("content", metavar="CONTENT", help=f"the photo ({images.accepted_formats()})")
     st.add_argument(
         "-s", "--style", action="append", required=True, metavar="PATH[:WEIGHT]",
         help="a style image, optionally with a blend weight; repeat for several styles",
