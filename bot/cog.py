@@ -121,6 +121,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         strength="0 = close to the photo, 1 = mostly style; default: the preset's, else 0.5.",
         size="Long side of the result in pixels.",
         preserve_colours="Keep the photo's colours: luminance or stats (colour matching).",
+        keep_faces="Keep faces recognisable: 0 = paint them like the rest, 1 = most; default 0.5.",
     )
     async def stylize(
         self,
@@ -131,6 +132,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         strength: app_commands.Range[float, 0.0, 1.0] | None = None,
         size: app_commands.Range[int, 64, 4096] | None = None,
         preserve_colours: Literal["none", "luminance", "stats"] | None = None,
+        keep_faces: app_commands.Range[float, 0.0, 1.0] | None = None,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)  # within 3 s, always
         await self.submit(
@@ -141,6 +143,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
             strength=strength,
             size=size,
             preserve_colours=preserve_colours,
+            keep_faces=keep_faces,
         )
 
     @stylize.autocomplete("preset")
@@ -272,6 +275,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         strength: float | None = None,
         size: int | None = None,
         preserve_colours: str | None = None,
+        keep_faces: float | None = None,
     ) -> Job | None:
         """Validate, queue and start following one request; errors go back to the user."""
         user_id = origin.user.id
@@ -284,7 +288,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
                 photo, what="photo", max_bytes=limits.max_attachment_bytes,
                 max_pixels=limits.max_pixels,
             )  # fmt: skip
-            settings = self._settings(chosen, strength, size, preserve_colours)
+            settings = self._settings(chosen, strength, size, preserve_colours, keep_faces)
             request = JobRequest(
                 content=upload.data, styles=((chosen.data, 1.0),), settings=settings,
                 label=chosen.label,
@@ -350,7 +354,12 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         return StyleChoice(data, found.name, found.strength)
 
     def _settings(
-        self, chosen: StyleChoice, strength: float | None, size: int | None, colours: str | None
+        self,
+        chosen: StyleChoice,
+        strength: float | None,
+        size: int | None,
+        colours: str | None,
+        keep_faces: float | None = None,
     ) -> Settings:
         base = self.base_settings
         max_size = self.config.limits.max_size
@@ -364,6 +373,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
             strength=float(strength),
             size=int(size) if size is not None else min(base.size, max_size),
             preserve_colors=colours or base.preserve_colors,
+            keep_faces=float(keep_faces) if keep_faces is not None else base.keep_faces,
             extra={**base.extra, "frontend": "discord", "style": chosen.label},
         )
 
@@ -435,6 +445,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
             style_label=status.label,
             fitted=fitted,
             elapsed=elapsed,
+            metadata=done.metadata,
         )
         filename = f"pastiche-{job.id}.{fitted.extension}"
         embed.set_image(url=f"attachment://{filename}")

@@ -155,7 +155,18 @@ def faces_metadata(faces: Sequence[Face], size: tuple[int, int]) -> dict[str, An
     return {"detector": DETECTOR, "boxes": [f.to_dict(width, height) for f in faces]}
 
 
-def content_gain(keep_faces: float) -> float:
-    """Factor on the content weight inside a face: 10x per 0.5 of ``keep_faces``, the scale
-    ``Settings.strength`` uses, so ``keep_faces`` lowers the strength inside faces by itself."""
-    return math.pow(10.0, 2.0 * keep_faces)
+def content_factor(keep_faces: float) -> float:
+    """Factor on the content weight inside a face: 10x per unit of ``keep_faces``."""
+    return math.pow(10.0, keep_faces)
+
+
+def style_factor(keep_faces: float) -> float:
+    """Factor on the style weight inside a face: 1/10 per unit of ``keep_faces``.
+
+    With :func:`content_factor`, the content-to-style ratio inside a face grows 10x per 0.5,
+    the scale ``Settings.strength`` uses, so ``keep_faces`` lowers the strength inside faces by
+    itself; half of it is taken on each side because lowering the style weight there (guided
+    Gram matrices) keeps the face's photo-like statistics out of the style term, so the rest of
+    the painting need not over-paint to make up for them.
+    """
+    return math.pow(10.0, -keep_faces)

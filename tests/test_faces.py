@@ -100,7 +100,8 @@ def test_mask_follows_any_scale_and_tile() -> None:
     assert faces.face_mask([], (30, 20)).max() == 0.0
 
 
-def test_content_gain_follows_the_strength_scale() -> None:
-    assert faces.content_gain(0.0) == 1.0
-    assert faces.content_gain(0.5) == pytest.approx(10.0)
-    assert faces.content_gain(1.0) == pytest.approx(100.0)
+def test_keep_faces_moves_the_content_to_style_ratio_by_the_strength_scale() -> None:
+    """10x per 0.5, as Settings.strength: half on the content weight, half on the style's."""
+    for keep, ratio in ((0.0, 1.0), (0.5, 10.0), (1.0, 100.0)):
+        assert faces.content_factor(keep) / faces.style_factor(keep) == pytest.approx(ratio)
+        assert faces.content_factor(keep) * faces.style_factor(keep) == pytest.approx(1.0)

@@ -23,13 +23,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from core import images
+from core import faces, images
 from core.engine import backbones, colour
 from core.engine.cpu import fusion, memory, winograd
 from core.engine.cpu.lbfgs import LBFGS
 from core.engine.losses import (
     ContentLoss,
+    GramGuide,
     LayerApply,
+    MaskedContentLoss,
     Scale,
     StyleLoss,
     SumLoss,
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 
 
 PREVIEW_SIDE = 256
+MAX_LONG_SIDE = 8192
+"""The longest painting a thin panorama may grow to (the largest ``Settings.size``)."""
 _MODEL_CACHE: OrderedDict[tuple, backbones.FeatureExtractor] = OrderedDict()
 _MODEL_CACHE_SIZE = 2
 _TARGET_CACHE: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
@@ -266,13 +270,18 @@ class Forward:
         )
 
     def __call__(
-        self, x: torch.Tensor, layers: Sequence[str] | None = None, grams: Collection[str] = ()
+        self,
+        x: torch.Tensor,
+        layers: Sequence[str] | None = None,
+        grams: Collection[str] = (),
+        guide: GramGuide | None = None,
     ) -> dict[str, torch.Tensor]:
         """Activations by layer name, plus the Gram matrix of each layer in ``grams`` under
-        ``gram_key(layer)``. Each Gram is taken as soon as its layer exists, so autograd (which
-        runs the most recently created nodes first) computes its gradient only when the backward
-        pass reaches that layer, instead of holding every style layer's gradient through the
-        whole backward pass (about 70 MB at 512 px)."""
+        ``gram_key(layer)`` (guided by ``guide``'s weights per position when given). Each Gram
+        is taken as soon as its layer exists, so autograd (which runs the most recently created
+        nodes first) computes its gradient only when the backward pass reaches that layer,
+        instead of holding every style layer's gradient through the whole backward pass (about
+        70 MB at 512 px)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         taken: dict[str, torch.Tensor] = {}
@@ -280,7 +289,7 @@ class Forward:
         def take_gram(name: str, h: torch.Tensor) -> None:
             if name in grams:
                 with torch.autocast(self.device.type, enabled=False):  # Grams stay float32
-                    taken[gram_key(name)] = gram(h)
+                    taken[gram_key(name)] = gram(h) if guide is None else guide.gram(h)
 
         if self.dtype is None:
             feats = self.model(x, layers, take_gram if grams else None)
@@ -383,6 +392,7 @@ def _stylize(
     if s.init == "image":
         init_img = _split_alpha(images.load_image(s.init_image, name="init image"))[0]
 
+    found = faces.detect_faces(photo) if s.keep_faces > 0 else []
     device = pick_device(s.device)
     dtype = pick_precision(s, device)
     channels_last = s.channels_last if s.channels_last is not None else device.type != "mps"
@@ -392,14 +402,10 @@ def _stylize(
     gen = torch.Generator().manual_seed(s.seed)
 
     # Scales whose short side cannot reach the deepest layer are skipped.
-    out_w, out_h = fit(photo.size, s.size)
     min_side = plan.arch.min_side
-    if min(out_w, out_h) < min_side:
-        raise ImageError(
-            f"The content image is too thin for a {s.size} px output: its short side would be "
-            f"{min(out_w, out_h)} px, and at least {min_side} px are needed. Use a larger size."
-        )
-    sizes = [fit(photo.size, side) for side in pyramid(s.min_size, s.size, s.pyramid)]
+    long_side, notes = output_long_side(photo.size, s.size, min_side)
+    out_w, out_h = fit(photo.size, long_side)
+    sizes = [fit(photo.size, side) for side in pyramid(s.min_size, long_side, s.pyramid)]
     sizes = [wh for wh in sizes if min(wh) >= min_side] or [(out_w, out_h)]
     if len(sizes) == 1:
         plan_iters = [s.iterations if s.initial_iterations is None else s.initial_iterations]
@@ -454,6 +460,11 @@ def _stylize(
             )
             for n in plan.content
         ]
+        guide = None
+        if found:
+            mask = torch.from_numpy(faces.face_mask(found, (w, h)))[None, None].to(device)
+            content_terms += face_terms(content_feats, mask, s, plan.content)
+            guide = GramGuide(1.0 - mask * (1.0 - faces.style_factor(s.keep_faces)))
         del content_feats
         # Style targets: the style image is sized relative to this scale, never upscaled.
         style_terms: list[nn.Module] = []
@@ -504,10 +515,11 @@ def _stylize(
         best_seen: dict[str, Any] = {"loss": math.inf, "image": None, "losses": {}, "last": 0.0}
 
         def closure(
-            opt=opt, image=image, objective=objective, best_seen=best_seen, track=average is None
-        ) -> torch.Tensor:
+            opt=opt, image=image, objective=objective, best_seen=best_seen,
+            track=average is None, guide=guide,
+        ) -> torch.Tensor:  # fmt: skip
             opt.zero_grad(set_to_none=False)  # one gradient buffer for the whole scale
-            feats = fwd(image, grams=plan.style)
+            feats = fwd(image, grams=plan.style, guide=guide)
             feats["input"] = image
             loss = objective(feats)
             loss.backward()
@@ -600,10 +612,51 @@ def _stylize(
         "losses": losses,
         "style_cache_hits": cache_hits,
         "seconds": round(time.perf_counter() - started, 3),
+        "notes": notes,
     }
+    metadata["faces"] = faces.faces_metadata(found, result_img.size) if s.keep_faces > 0 else None
     if s.extra:
         metadata["extra"] = s.extra
     return Result(image=result_img, settings=s, metadata=metadata)
+
+
+def output_long_side(
+    photo_size: tuple[int, int], size: int, min_side: int
+) -> tuple[int, list[str]]:
+    """The painting's long side: ``size``, unless the photo is so thin (a panorama) that its
+    short side would be under ``min_side``, the least the network can take; then the smallest
+    size that gives that short side (the long side grows), with a note saying so."""
+    width, height = photo_size
+    if min(fit(photo_size, size)) >= min_side:
+        return size, []
+    long_side = math.ceil(min_side * max(width, height) / min(width, height))
+    if long_side > MAX_LONG_SIDE:
+        raise ImageError(
+            f"The content image is {width}x{height} pixels, too thin to paint: for its short "
+            f"side to reach the {min_side} px the network needs, its long side would be "
+            f"{long_side} px, over the {MAX_LONG_SIDE} px limit. Crop it first."
+        )
+    out_w, out_h = fit(photo_size, long_side)
+    note = (
+        f"The photo is very thin ({width}x{height}): at {size} px its short side would be "
+        f"under the {min_side} px the network needs, so it was painted at {out_w}x{out_h}."
+    )
+    return long_side, [note]
+
+
+def face_terms(
+    content_feats: dict[str, torch.Tensor], mask: torch.Tensor, s: Settings, layers: Sequence[str]
+) -> list[nn.Module]:
+    """Extra content terms over the faces (``Settings.keep_faces``): with the base term, the
+    content weight per position inside a face is ``content_factor(keep_faces)`` times that
+    outside (see MaskedContentLoss for why the weight is scaled by the mask's coverage)."""
+    extra = faces.content_factor(s.keep_faces) - 1.0
+    terms: list[nn.Module] = []
+    for n in layers:
+        term = MaskedContentLoss(content_feats[n], mask)
+        weight = s.effective_content_weight / len(layers) * extra * term.coverage
+        terms.append(Scale(LayerApply(term, n), weight))
+    return terms
 
 
 def _optimizer(
