@@ -42,7 +42,7 @@ def test_the_astronauts_face_is_found() -> None:
 
 
 def test_boxes_map_back_to_the_original_resolution() -> None:
-    """A 2048 px photo is searched at DETECT_SIDE px; its boxes are in its own pixels."""
+    """A 2048 px photo is searched at DETECT_SHORT_SIDE px; its boxes are in its own pixels."""
     big = astronaut().resize((2048, 2048), Image.Resampling.LANCZOS)
     (face,) = faces.detect_faces(big)
     expected = tuple(4 * v for v in ASTRONAUT_FACE)
