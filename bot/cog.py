@@ -21,6 +21,7 @@ from discord import app_commands
 from discord.ext import commands
 
 from core.errors import BusyError, PasticheError, SettingsError
+from core.images import accepted_formats
 from core.jobs import (
     Done,
     Failed,
@@ -115,12 +116,13 @@ class PasticheCog(commands.Cog, name="Pastiche"):
     # ---- slash commands ------------------------------------------------------------------
     @app_commands.command(name="stylize", description="Paint a photo in the style of an image.")
     @app_commands.describe(
-        photo="The photo to paint (PNG, JPEG or WebP).",
+        photo=f"The photo to paint ({accepted_formats()}).",
         style="A painting whose style to copy.",
         preset="Or one of the bot's style presets (see /styles).",
         strength="0 = close to the photo, 1 = mostly style; default: the preset's, else 0.5.",
         size="Long side of the result in pixels.",
         preserve_colours="Keep the photo's colours: luminance or stats (colour matching).",
+        keep_faces="Keep faces recognisable: 0 = paint them like the rest, 1 = most; default 0.5.",
     )
     async def stylize(
         self,
@@ -131,6 +133,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         strength: app_commands.Range[float, 0.0, 1.0] | None = None,
         size: app_commands.Range[int, 64, 4096] | None = None,
         preserve_colours: PreserveColors | None = None,
+        keep_faces: app_commands.Range[float, 0.0, 1.0] | None = None,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)  # within 3 s, always
         await self.submit(
@@ -141,6 +144,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
             strength=strength,
             size=size,
             preserve_colours=preserve_colours,
+            keep_faces=keep_faces,
         )
 
     @stylize.autocomplete("preset")
@@ -272,6 +276,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         strength: float | None = None,
         size: int | None = None,
         preserve_colours: str | None = None,
+        keep_faces: float | None = None,
     ) -> Job | None:
         """Validate, queue and start following one request; errors go back to the user."""
         user_id = origin.user.id
@@ -284,7 +289,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
                 photo, what="photo", max_bytes=limits.max_attachment_bytes,
                 max_pixels=limits.max_pixels,
             )  # fmt: skip
-            settings = self._settings(chosen, strength, size, preserve_colours)
+            settings = self._settings(chosen, strength, size, preserve_colours, keep_faces)
             request = JobRequest(
                 content=upload.data, styles=((chosen.data, 1.0),), settings=settings,
                 label=chosen.label,
@@ -350,9 +355,19 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         return StyleChoice(data, found.name, found.strength)
 
     def _settings(
-        self, chosen: StyleChoice, strength: float | None, size: int | None, colours: str | None
+        self,
+        chosen: StyleChoice,
+        strength: float | None,
+        size: int | None,
+        colours: str | None,
+        keep_faces: float | None = None,
     ) -> Settings:
-        given = {"strength": strength, "size": size, "preserve_colors": colours}
+        given = {
+            "strength": strength,
+            "size": size,
+            "preserve_colors": colours,
+            "keep_faces": keep_faces,
+        }
         return request_settings(
             "discord",
             {name: value for name, value in given.items() if value is not None},
@@ -430,6 +445,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
             style_label=status.label,
             fitted=fitted,
             elapsed=elapsed,
+            metadata=done.metadata,
         )
         filename = f"pastiche-{job.id}.{fitted.extension}"
         embed.set_image(url=f"attachment://{filename}")

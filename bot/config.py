@@ -31,6 +31,7 @@ Example (every key optional except a token from somewhere)::
     quality = "standard"          # draft | standard | high (iterations per scale)
     size = 512                    # default output long side
     preview_every = 10            # optimiser steps between previews (0 = none)
+    keep_faces = 0.5              # 0..1, keep faces recognisable (users may change it per job)
 """
 
 from __future__ import annotations
@@ -86,15 +87,19 @@ class EngineConfig:
     quality: Quality = "standard"
     size: int = 512
     preview_every: int = 10
+    keep_faces: float = Settings.keep_faces
+    """A selfie bot keeps faces recognisable by default, as the engine does (see Settings)."""
 
     def base_settings(self) -> Settings:
-        """The Settings every bot job starts from (users may change strength, size, colours)."""
+        """The Settings every bot job starts from (users may change strength, size, colours,
+        keep_faces)."""
         options = {
             "size": self.size,
             "backbone": self.backbone,
             "weights": self.weights,
             "device": self.device,
             "preview_every": self.preview_every,
+            "keep_faces": self.keep_faces,
         }
         return request_settings("discord", options, quality=self.quality)
 

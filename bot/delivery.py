@@ -82,23 +82,39 @@ def settings_embed(
     style_label: str,
     fitted: Fitted | None = None,
     elapsed: float | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> discord.Embed:
-    """An embed listing the settings a painting was made with."""
+    """An embed listing the settings a painting was made with, the faces it kept and the
+    engine's notes (from the result's ``metadata``)."""
     embed = discord.Embed(title=title, colour=discord.Colour.blurple())
     embed.add_field(name="Style", value=style_label or "your image")
     embed.add_field(name="Strength", value=f"{settings.strength:.2f}")
     if fitted is not None:
         embed.add_field(name="Size", value=f"{fitted.width}×{fitted.height}")
     embed.add_field(name="Preserve colours", value=settings.preserve_colors)
+    embed.add_field(name="Faces", value=_faces_text(settings, metadata))
     embed.add_field(name="Iterations", value=str(settings.iterations))
     embed.add_field(name="Network", value=settings.backbone)
     if elapsed is not None:
         embed.add_field(name="Time", value=format_duration(elapsed))
+    for note in (metadata or {}).get("notes") or ():
+        embed.add_field(name="Note", value=str(note)[:1024], inline=False)
     if fitted is not None and fitted.reencoded:
         note = f"Sent as {fitted.format.upper()}"
         note += " at a smaller size" if fitted.downscaled else ""
         embed.set_footer(text=note + " to fit Discord's upload limit.")
     return embed
+
+
+def _faces_text(settings: Settings, metadata: dict[str, Any] | None) -> str:
+    if settings.keep_faces <= 0:
+        return "painted like the rest"
+    found = ((metadata or {}).get("faces") or {}).get("boxes")
+    if found is None:
+        return f"kept ({settings.keep_faces:.2f})"
+    if not found:
+        return "none found"
+    return f"{len(found)} kept ({settings.keep_faces:.2f})"
 
 
 def format_duration(seconds: float) -> str:

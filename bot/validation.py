@@ -14,18 +14,16 @@ from typing import Any
 import discord
 
 from core.errors import ImageError
-from core.images import ImageInfo, validate_image
+from core.images import (
+    ACCEPTED_EXTENSIONS,
+    ACCEPTED_MIME_TYPES,
+    ImageInfo,
+    accepted_formats,
+    validate_image,
+)
 
-ACCEPTED_TYPES = {
-    "image/png": "PNG",
-    "image/jpeg": "JPEG",
-    "image/jpg": "JPEG",
-    "image/webp": "WebP",
-    "image/gif": "GIF",
-    "image/bmp": "BMP",
-    "image/avif": "AVIF",
-}
-ACCEPTED_EXTENSIONS = {".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".avif"}
+# The CLI's and the GIMP helper's list: all three read through core.images.load_image.
+ACCEPTED_TYPES = ACCEPTED_MIME_TYPES
 
 
 @dataclass(frozen=True)
@@ -38,11 +36,12 @@ class Upload:
 
 
 def is_image(attachment: Any) -> bool:
-    """True for attachments that claim to be an image we read (by type, else by extension)."""
+    """True for attachments that claim to be an image we read, by type or by extension (Discord
+    labels some phone formats, HEIC among them, application/octet-stream); the full decode in
+    :func:`fetch_image` has the last word either way."""
     ctype = (getattr(attachment, "content_type", None) or "").split(";")[0].strip().lower()
-    if ctype:
-        return ctype in ACCEPTED_TYPES
-    return PurePath(getattr(attachment, "filename", "") or "").suffix.lower() in ACCEPTED_EXTENSIONS
+    suffix = PurePath(getattr(attachment, "filename", "") or "").suffix.lower()
+    return ctype in ACCEPTED_TYPES or suffix in ACCEPTED_EXTENSIONS
 
 
 def check_attachment(attachment: Any, *, what: str, max_bytes: int) -> None:
@@ -51,7 +50,8 @@ def check_attachment(attachment: Any, *, what: str, max_bytes: int) -> None:
     if not is_image(attachment):
         ctype = getattr(attachment, "content_type", None) or "an unknown type"
         raise ImageError(
-            f"The {what} ({name}) is {ctype}, not a picture; please send a PNG, JPEG or WebP image."
+            f"The {what} ({name}) is {ctype}, not a picture I can read; please send a "
+            f"{accepted_formats()} image."
         )
     size = getattr(attachment, "size", 0) or 0
     if size > max_bytes:

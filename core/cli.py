@@ -49,6 +49,7 @@ FIELD_HELP: dict[str, str] = {
     "style_weight": "weight of the style loss",
     "tv_weight": "weight of the total-variation (smoothness) loss",
     "strength": "0 = stay close to the photo, 1 = mostly style",
+    "keep_faces": "keep faces recognisable: lowers the strength inside faces by this (0 = off)",
     "content_layers": "comma-separated content layers (unset: the backbone's)",
     "style_layers": "comma-separated style layers (unset: the backbone's)",
     "style_layer_weights": "comma-separated weights, one per style layer",
@@ -195,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Paint CONTENT in the style of the --style images.",
         epilog="Example: pastiche stylize me.jpg --style starry.jpg:2 --style scream.jpg -o out.png",
     )
-    st.add_argument("content", metavar="CONTENT", help="the photo (PNG, JPEG, WebP, ...)")
+    st.add_argument("content", metavar="CONTENT", help=f"the photo ({images.accepted_formats()})")
     st.add_argument(
         "-s", "--style", action="append", required=True, metavar="PATH[:WEIGHT]",
         help="a style image, optionally with a blend weight; repeat for several styles",
@@ -344,6 +345,8 @@ def cmd_stylize(ns: argparse.Namespace) -> int:
         finally:
             bar.close()
     images.save_image(result.image, ns.output, metadata=result.metadata)
+    for note in result.metadata.get("notes") or ():  # shown even with --quiet: not progress
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     if not ns.quiet:
         w, h = result.image.size
         print(f"Saved {ns.output} ({w}x{h}) in {time.monotonic() - start:.1f} s.", file=sys.stderr)

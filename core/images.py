@@ -5,7 +5,8 @@ Everything that enters Pastiche (CLI paths, Discord attachments, GIMP layers) go
 any decoding (decompression bombs), a full decode (truncated uploads fail here, not halfway
 through a job), EXIF orientation (phone selfies are stored sideways), ICC profiles converted to
 sRGB (the networks were trained on sRGB), and every PIL mode reduced to 8-bit RGB or RGBA.
-Pillow only: front ends import this without torch.
+One list of accepted formats (:data:`INPUT_FORMATS`) feeds every front end's messages.
+Pillow and pillow-heif only: front ends import this without torch.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Union, cast
 
+import pillow_heif
 from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
 from core.errors import ImageError
@@ -34,13 +36,56 @@ MIN_SIDE: int = 16
 METADATA_KEY = "pastiche"
 """PNG text chunk (and JPEG comment prefix) holding the JSON metadata."""
 
+
+@dataclass(frozen=True)
+class InputFormat:
+    """An accepted input format: PIL's name for it, the name users know, its MIME types (as
+    Discord reports them) and file extensions."""
+
+    pil: str
+    label: str
+    mime_types: tuple[str, ...]
+    extensions: tuple[str, ...]
+
+
 # Formats accepted as input. Deliberately short: PIL's EPS reader runs Ghostscript and several
 # exotic decoders see little fuzzing, and none of them matter for photos and paintings.
-# (MPO, the multi-picture JPEG of many phones, is opened by the JPEG plugin.)
+# (MPO, the multi-picture JPEG of many phones, is opened by the JPEG plugin.) HEIC/HEIF, what
+# iPhones save by default, is read through pillow-heif, which applies the HEIF rotation and
+# mirroring and resets the EXIF orientation to match, so orientation and colour profiles are
+# then handled here exactly as for a JPEG.
+pillow_heif.register_heif_opener()
 Image.init()
-_READ_FORMATS = tuple(
-    f for f in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF") if f in Image.OPEN
+_FORMATS = (
+    InputFormat("PNG", "PNG", ("image/png",), (".png",)),
+    InputFormat("JPEG", "JPEG", ("image/jpeg", "image/jpg"), (".jpg", ".jpeg", ".jpe")),
+    InputFormat(
+        "HEIF",
+        "HEIC",
+        ("image/heic", "image/heif", "image/heic-sequence", "image/heif-sequence"),
+        (".heic", ".heif", ".hif"),
+    ),
+    InputFormat("WEBP", "WebP", ("image/webp",), (".webp",)),
+    InputFormat("AVIF", "AVIF", ("image/avif",), (".avif",)),
+    InputFormat("GIF", "GIF", ("image/gif",), (".gif",)),
+    InputFormat("BMP", "BMP", ("image/bmp", "image/x-ms-bmp"), (".bmp",)),
+    InputFormat("TIFF", "TIFF", ("image/tiff",), (".tif", ".tiff")),
+    InputFormat("PPM", "PPM", ("image/x-portable-pixmap",), (".ppm", ".pgm", ".pbm", ".pnm")),
 )
+INPUT_FORMATS: tuple[InputFormat, ...] = tuple(f for f in _FORMATS if f.pil in Image.OPEN)
+"""What every front end accepts (the CLI, the bot and the GIMP helper all read through
+:func:`load_image`); only the formats this Pillow can open."""
+_READ_FORMATS = tuple(f.pil for f in INPUT_FORMATS)
+ACCEPTED_MIME_TYPES: dict[str, str] = {m: f.label for f in INPUT_FORMATS for m in f.mime_types}
+ACCEPTED_EXTENSIONS: frozenset[str] = frozenset(e for f in INPUT_FORMATS for e in f.extensions)
+
+
+def accepted_formats(conjunction: str = "or") -> str:
+    """The accepted formats for a user-facing sentence: "PNG, JPEG, HEIC, ... or PPM"."""
+    labels = [f.label for f in INPUT_FORMATS]
+    return ", ".join(labels[:-1]) + f" {conjunction} {labels[-1]}" if len(labels) > 1 else labels[0]
+
+
 _WRITE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
@@ -148,7 +193,7 @@ def _open(source: ImageInput, name: str) -> tuple[ImageFile.ImageFile, str]:
             other = probe.format
     except Exception:  # noqa: BLE001 - only used to improve the message
         other = None
-    accepted = "PNG, JPEG, WebP, GIF, BMP, TIFF"
+    accepted = accepted_formats()
     if other:
         raise ImageError(
             f"{subject} is in {other} format, which Pastiche does not accept; use {accepted}."

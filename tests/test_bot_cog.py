@@ -313,6 +313,34 @@ async def test_stylize_happy_path(make_cog, tiny_settings) -> None:
 
 
 @pytest.mark.slow
+async def test_a_heic_selfie_keeps_its_face_and_a_panorama_gets_a_note(make_cog) -> None:
+    """/stylize takes an iPhone HEIC (the CLI's loader), passes keep_faces on, and the result's
+    embed says how many faces were kept; a thin panorama is painted larger, with a note."""
+    from skimage import data
+
+    cog = make_cog()
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).crop((103, 16, 343, 256)).save(buf, "HEIF", quality=90)
+    inter = FakeInteraction(limit=8 * MiB)
+    photo = attachment(inter.log, buf.getvalue(), "IMG_0001.HEIC", "image/heic")
+    style = attachment(inter.log, image_bytes(width=32, height=32, seed=2), "art.png")
+    await stylize(cog, inter, photo=photo, style=style, keep_faces=0.8)
+    await settle(cog)
+    fields = {f.name: f.value for f in inter.followup_sender.messages[-1].kwargs["embed"].fields}
+    assert fields["Faces"] == "1 kept (0.80)" and "Note" not in fields
+
+    inter = FakeInteraction(limit=8 * MiB)
+    photo = attachment(inter.log, image_bytes(width=400, height=20, seed=1), "pano.png")
+    style = attachment(inter.log, image_bytes(width=32, height=32, seed=2), "art.png")
+    await stylize(cog, inter, photo=photo, style=style)
+    await settle(cog)
+    result = inter.followup_sender.messages[-1]
+    fields = {f.name: f.value for f in result.kwargs["embed"].fields}
+    assert fields["Faces"] == "none found" and fields["Size"] == "320×16"
+    assert "very thin (400x20)" in fields["Note"] and "320x16" in fields["Note"]
+
+
+@pytest.mark.slow
 async def test_status_edits_are_throttled(make_cog) -> None:
     async def never(seconds: float) -> None:  # injected time stands still
         await asyncio.Event().wait()

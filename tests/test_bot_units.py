@@ -95,6 +95,27 @@ async def test_fetch_image_accepts_a_real_image() -> None:
     att.read.assert_awaited_once()
 
 
+@pytest.mark.parametrize("content_type", ["image/heic", "application/octet-stream", None])
+async def test_fetch_image_accepts_an_iphone_heic(content_type: str | None) -> None:
+    """Whatever Discord calls it, a .heic photo is read by the same loader as the CLI's."""
+    buf = io.BytesIO()
+    make_image(40, 30).save(buf, "HEIF", quality=90)
+    att = attachment(buf.getvalue(), "IMG_0001.HEIC", content_type)
+    upload = await fetch_image(att, what="photo", max_bytes=MiB, max_pixels=10_000)
+    assert (upload.info.format, upload.info.width, upload.info.height) == ("HEIF", 40, 30)
+
+
+async def test_refusal_names_the_formats_the_cli_accepts() -> None:
+    from core.images import accepted_formats
+
+    with pytest.raises(ImageError) as err:
+        await fetch_image(
+            attachment(b"hello", "notes.txt", "text/plain"), what="photo", max_bytes=MiB,
+            max_pixels=10_000,
+        )  # fmt: skip
+    assert accepted_formats() in str(err.value) and "HEIC" in str(err.value)
+
+
 @pytest.mark.parametrize(
     ("att", "needle", "downloads"),
     [

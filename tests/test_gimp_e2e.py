@@ -96,7 +96,7 @@ try:
     image.insert_layer(source, None, 0)
     source.set_offsets(8, 6)
     style = Gio.File.new_for_path(WORK + "/starry_night.png")
-    common = dict(strength=0.9, size=48, quality="draft")
+    common = {"strength": 0.9, "size": 48, "quality": "draft", "keep-faces": 0.8}
 
     run = call(image, source, **{"style-file": style}, **common)
     report["runs"]["whole"] = run
@@ -134,7 +134,9 @@ def chroot_work(vgg19_checkpoint: Path) -> Iterator[tuple[Path, str]]:
     inside = f"/tmp/pastiche-e2e-{uuid.uuid4().hex[:8]}"
     work = CHROOT / inside.lstrip("/")
     work.mkdir(parents=True)
-    plugins = CHROOT / "root/.config/GIMP/3.0/plug-ins"
+    # GIMP's configuration (and so the plug-in) lives under this run's own HOME: the chroot is
+    # shared, and runs on other branches install their own plug-in at the same time.
+    plugins = work / "home/.config/GIMP/3.0/plug-ins"
     disc_inside = f"{inside}/helper.json"
     install = [
         sys.executable,
@@ -196,7 +198,7 @@ def _run_gimp(inside: str) -> subprocess.CompletedProcess[str]:
         str(CHROOT),
         "/usr/bin/env",
         "-i",
-        "HOME=/root",
+        f"HOME={inside}/home",
         "PATH=/usr/bin:/bin",
         "LANG=C.UTF-8",
         GIMP,
@@ -246,6 +248,12 @@ def test_plugin_paints_a_new_layer_in_real_gimp(chroot_work: tuple[Path, str]) -
     crop = Image.open(work / "selection.png").convert("RGB")
     assert crop.size == (32, 24)
     assert ImageChops.difference(crop, source.crop((12, 10, 44, 34))).getbbox() is not None
+
+    # The dialog's Keep faces value reached the helper with each job.
+    accepted = [
+        line for line in (work / "helper.log").read_text().splitlines() if "accepted" in line
+    ]
+    assert len(accepted) == 2 and all("keep_faces=0.8" in line for line in accepted), accepted
 
     for name, expected in (
         ("no_style", "Choose a style image"),

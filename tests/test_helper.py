@@ -329,8 +329,8 @@ def test_progress_text() -> None:
 
 
 def test_plugin_settings_are_valid_settings() -> None:
-    s = Settings.from_dict(pc.job_settings(0.3, 640, True))
-    assert (s.strength, s.size, s.preserve_colors) == (0.3, 640, "luminance")
+    s = Settings.from_dict(pc.job_settings(0.3, 640, True, 0.75))
+    assert (s.strength, s.size, s.preserve_colors, s.keep_faces) == (0.3, 640, "luminance", 0.75)
     assert pc.QUALITIES == tuple(QUALITY_ITERATIONS)
 
 
@@ -512,6 +512,29 @@ async def test_happy_path_returns_a_png(painter: TestClient) -> None:
         assert "1 remote worker" in health["weights_message"]
     else:
         assert health["backend"] == "local" and health["weights_present"] is True
+
+
+@module_loop
+async def test_a_heic_selfie_keeps_its_face(painter: TestClient) -> None:
+    """The helper reads an iPhone's HEIC like the CLI does, passes keep_faces through, and
+    reports the face boxes (and any notes) with the finished job."""
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).crop((103, 16, 343, 256)).save(buf, "HEIF", quality=90)
+    form = FormData()
+    form.add_field("content", buf.getvalue(), filename="IMG_0001.HEIC", content_type="image/heic")
+    form.add_field("style", image_bytes(width=40, height=40, seed=2), filename="s.png")
+    form.add_field("settings", '{"keep_faces": 0.9}')
+    resp = await painter.post("/jobs", data=form, headers=AUTH)
+    assert resp.status == 201, await resp.text()
+    job = await resp.json()
+    status = await _wait_state(painter, job["id"], {"done", "failed", "cancelled"})
+    assert status["state"] == "done", status
+    assert len(status["faces"]) == 1 and status["notes"] == []
+    png = await (await painter.get(f"/jobs/{job['id']}/result", headers=AUTH)).read()
+    meta = read_metadata(png)
+    assert meta["settings"]["keep_faces"] == 0.9 and meta["faces"]["boxes"] == status["faces"]
 
 
 @module_loop

@@ -70,6 +70,68 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     return _Gram.apply(f.reshape(b, c, h * w), False, h * w)
 
 
+class _GuidedGram(torch.autograd.Function):
+    """``sum_p w_p f_p f_p^T / sum_p w_p``: a Gram matrix with a weight per position, Gatys et
+    al. 2017's guided Gram (*Controlling Perceptual Factors in Neural Style Transfer*, section
+    4: each region's style statistics are taken over that region's guidance channel).
+
+    Same layout and precision rules as ``_Gram``; the weighted copy of the activation is a
+    transient in both passes (the forward's and the backward's), so only the activation itself,
+    which the network keeps anyway, is saved.
+    """
+
+    @staticmethod
+    def forward(ctx, mat: torch.Tensor, weights: torch.Tensor, positions_first: bool, n: float):  # type: ignore[override]
+        ctx.save_for_backward(mat, weights)
+        ctx.positions_first, ctx.n = positions_first, n
+        f = mat.float()
+        if positions_first:
+            product = torch.bmm((f * weights).transpose(1, 2), f)
+        else:
+            product = torch.bmm(f * weights, f.transpose(1, 2))
+        return product.div_(n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+        mat, weights = ctx.saved_tensors
+        sym = (grad + grad.transpose(1, 2)).div_(ctx.n).to(mat.dtype)
+        weighted = mat * weights.to(mat.dtype)
+        out = torch.bmm(weighted, sym) if ctx.positions_first else torch.bmm(sym, weighted)
+        return out, None, None, None
+
+
+def guided_gram(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of a (B, C, H, W) activation with a weight per position, ``weights`` of shape
+    (1, 1, H, W) (non-negative, not all zero), divided by the weights' sum, in float32. With
+    all weights 1 it is :func:`gram`."""
+    b, c, h, w = features.shape
+    f = features if features.dtype in (torch.bfloat16, torch.float16) else features.float()
+    wts = weights.float()
+    n = float(wts.sum())
+    if f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous():
+        mat = f.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return _GuidedGram.apply(mat, wts.reshape(1, h * w, 1), True, n)
+    return _GuidedGram.apply(f.reshape(b, c, h * w), wts.reshape(1, 1, h * w), False, n)
+
+
+class GramGuide:
+    """Style weight per position for the guided Gram matrices of one scale: ``weights``
+    (1, 1, H, W) at the image's resolution, area-resampled to each layer's resolution once
+    (Gatys et al. 2017 resample their guidance channels the same way)."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        self.weights = weights.float()
+        self._at: dict[tuple[int, int], torch.Tensor] = {}
+
+    def gram(self, features: torch.Tensor) -> torch.Tensor:
+        size = (features.shape[-2], features.shape[-1])
+        wts = self._at.get(size)
+        if wts is None:
+            wts = self._at[size] = F.interpolate(self.weights, size=size, mode="area")
+        return guided_gram(features, wts)
+
+
 def scaled_mse(input: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``sum(d^2) / sum(|d|)``: MSE rescaled so its gradient's L1 norm is about one."""
     diff = input.float() - target
@@ -85,6 +147,30 @@ class ContentLoss(nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return scaled_mse(input, self.target)
+
+
+class MaskedContentLoss(nn.Module):
+    """Content loss inside a soft region only: spatial guidance of the content term, in the
+    manner of Gatys et al. 2017 (*Controlling Perceptual Factors in Neural Style Transfer*,
+    section 4), who guide each term by a mask resampled to each layer's resolution.
+
+    ``mask`` is (1, 1, H, W) at any resolution (the image's); it is area-resampled to the
+    target's positions once, here, so it follows whatever scale or tile the target was taken
+    at. Both sides are weighted by the mask, so positions outside it neither pull nor count.
+    ``coverage`` (the mask's mean at this layer) lets the engine scale the term: the scaled MSE
+    gives any region a gradient of L1 norm ~1, so the weight per position of a term over a
+    fraction ``a`` of the image is ``1/a`` times that of a term over all of it.
+    """
+
+    def __init__(self, target: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        m = F.interpolate(mask.float(), size=target.shape[-2:], mode="area")
+        self.register_buffer("mask", m)
+        self.register_buffer("target", target.detach().float() * m)
+        self.coverage = float(m.mean())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return scaled_mse(input.float() * self.mask, self.target)
 
 
 class StyleLoss(nn.Module):

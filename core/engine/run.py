@@ -8,6 +8,7 @@ twice.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import OrderedDict
@@ -17,6 +18,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from PIL import Image
 
+from core import faces
 from core.engine import backbones, colour
 from core.engine.cpu import memory
 from core.engine.device import (
@@ -41,6 +43,7 @@ from core.engine.scale import (
     ProgressClock,
     ScalePlan,
     build_objective,
+    face_guide,
     optimise_scale,
     start_image,
     style_size,
@@ -82,6 +85,10 @@ class LRU(Generic[K, V]):
         return len(self._items)
 
 
+MAX_LONG_SIDE = 8192
+"""The longest painting a thin panorama may grow to (the largest ``Settings.size``)."""
+
+
 # ---- planning -------------------------------------------------------------------------------
 def pyramid(min_size: int, size: int, enabled: bool) -> list[int]:
     """Long sides from ``min_size`` up to ``size``, each sqrt(2) larger [crowsonkb]."""
@@ -97,16 +104,37 @@ def pyramid(min_size: int, size: int, enabled: bool) -> list[int]:
     return sorted(scales)
 
 
-def plan_scales(s: Settings, photo_size: tuple[int, int], min_side: int) -> list[ScalePlan]:
-    """The pyramid's sizes and step budgets. Scales whose short side cannot reach the deepest
-    layer are skipped; the first scale gets ``first_iterations`` when there are several."""
-    out_w, out_h = fit(photo_size, s.size)
-    if min(out_w, out_h) < min_side:
+def output_long_side(
+    photo_size: tuple[int, int], size: int, min_side: int
+) -> tuple[int, list[str]]:
+    """The painting's long side: ``size``, unless the photo is so thin (a panorama) that its
+    short side would be under ``min_side``, the least the network can take; then the smallest
+    size that gives that short side (the long side grows), with a note saying so."""
+    width, height = photo_size
+    if min(fit(photo_size, size)) >= min_side:
+        return size, []
+    long_side = math.ceil(min_side * max(width, height) / min(width, height))
+    if long_side > MAX_LONG_SIDE:
         raise ImageError(
-            f"The content image is too thin for a {s.size} px output: its short side would be "
-            f"{min(out_w, out_h)} px, and at least {min_side} px are needed. Use a larger size."
+            f"The content image is {width}x{height} pixels, too thin to paint: for its short "
+            f"side to reach the {min_side} px the network needs, its long side would be "
+            f"{long_side} px, over the {MAX_LONG_SIDE} px limit. Crop it first."
         )
-    sizes = [fit(photo_size, side) for side in pyramid(s.min_size, s.size, s.pyramid)]
+    out_w, out_h = fit(photo_size, long_side)
+    note = (
+        f"The photo is very thin ({width}x{height}): at {size} px its short side would be "
+        f"under the {min_side} px the network needs, so it was painted at {out_w}x{out_h}."
+    )
+    return long_side, [note]
+
+
+def plan_scales(s: Settings, photo_size: tuple[int, int], min_side: int) -> list[ScalePlan]:
+    """The pyramid's sizes and step budgets, up to ``output_long_side``. Scales whose short
+    side cannot reach the deepest layer are skipped; the first scale gets ``first_iterations``
+    when there are several."""
+    long_side = output_long_side(photo_size, s.size, min_side)[0]
+    out_w, out_h = fit(photo_size, long_side)
+    sizes = [fit(photo_size, side) for side in pyramid(s.min_size, long_side, s.pyramid)]
     sizes = [wh for wh in sizes if min(wh) >= min_side] or [(out_w, out_h)]
     if len(sizes) == 1:
         iters = [s.iterations if s.initial_iterations is None else s.initial_iterations]
@@ -221,6 +249,7 @@ class _Run:
         style_items = split_styles(styles)
         self.plan = layer_plan(s)
         self.inputs: Inputs = load_inputs(content, style_items, s)
+        self.faces = faces.detect_faces(self.inputs.photo) if s.keep_faces > 0 else []
         self.device = pick_device(s.device)
         self.dtype = pick_precision(s, self.device)
         self.channels_last = pick_channels_last(s, self.device)
@@ -228,6 +257,9 @@ class _Run:
         self.fwd = Forward(model, self.device, self.dtype, self.channels_last)
         torch.manual_seed(s.seed)
         self.gen = torch.Generator().manual_seed(s.seed)
+        self.long_side, self.notes = output_long_side(
+            self.inputs.photo.size, s.size, self.plan.arch.min_side
+        )
         self.scales = plan_scales(s, self.inputs.photo.size, self.plan.arch.min_side)
         self.colours = colour.Preservation(
             s.preserve_colors, to_tensor(self.inputs.photo, self.device)
@@ -267,11 +299,19 @@ class _Run:
             self.cache_hits += hit
             yield grams, blend / self.blend_total
 
-    def _objective(self, size: tuple[int, int]) -> SumLoss:
+    def _face_mask(self, size: tuple[int, int]) -> torch.Tensor | None:
+        """The soft mask over the faces at this scale, (1, 1, H, W); None without faces, so a
+        photo without one is painted by exactly the code of ``keep_faces=0``."""
+        if not self.faces:
+            return None
+        return torch.from_numpy(faces.face_mask(self.faces, size))[None, None].to(self.device)
+
+    def _objective(self, size: tuple[int, int], mask: torch.Tensor | None) -> SumLoss:
         content_t = self.colours.content_tensor(
             to_tensor(resize(self.inputs.photo, size), self.device)
         )
-        return build_objective(self.s, self.plan, self.fwd, content_t, self._style_targets(size))
+        targets = self._style_targets(size)
+        return build_objective(self.s, self.plan, self.fwd, content_t, targets, mask)
 
     def _first_image(self, size: tuple[int, int]) -> torch.Tensor:
         """The first scale's start: the photo, seeded noise or the given image."""
@@ -290,7 +330,9 @@ class _Run:
         restored: list[int] = []  # scales whose best evaluated image replaced a worse last one
         for index, scale in enumerate(self.scales):
             memory.release()
-            objective = self._objective(scale.size)
+            mask = self._face_mask(scale.size)
+            objective = self._objective(scale.size, mask)
+            guide = face_guide(self.s, mask) if mask is not None else None
             image = start_image(
                 self.s,
                 scale.size,
@@ -302,13 +344,14 @@ class _Run:
             # the peak stays near what is live (one trim per scale, before its first step).
             memory.release()
             done = optimise_scale(
-                self.s, self.fwd, self.plan, objective, image, index, self.clock, self.should_stop
-            )
+                self.s, self.fwd, self.plan, objective, image, index, self.clock,
+                self.should_stop, guide,
+            )  # fmt: skip
             image, losses = done.image, (done.losses if done.steps else losses)
             steps.append(done.steps)
             if done.restored_best:
                 restored.append(index + 1)
-            del objective, done  # this scale's state, before the next scale
+            del objective, done, mask, guide  # this scale's state, before the next scale
         assert image is not None
         return Result(
             image=self._output_image(image),
@@ -320,7 +363,7 @@ class _Run:
         """The optimised tensor as the output: colours finished, at the requested size, with
         the content's alpha put back."""
         out = to_image(self.colours.finish(image))
-        size = fit(self.inputs.photo.size, self.s.size)
+        size = fit(self.inputs.photo.size, self.long_side)
         if out.size != size:
             out = out.resize(size, Image.Resampling.LANCZOS)
         if self.inputs.alpha is not None:
@@ -349,10 +392,18 @@ class _Run:
             "losses": losses,
             "style_cache_hits": self.cache_hits,
             "seconds": round(time.perf_counter() - self.started, 3),
+            "notes": self.notes,
+            "faces": self._faces_metadata(),
         }
         if s.extra:
             metadata["extra"] = s.extra
         return metadata
+
+    def _faces_metadata(self) -> dict[str, Any] | None:
+        """The face boxes used, in the painting's pixels (None when keep_faces is off)."""
+        if self.s.keep_faces <= 0:
+            return None
+        return faces.faces_metadata(self.faces, fit(self.inputs.photo.size, self.long_side))
 
 
 _default: Engine | None = None

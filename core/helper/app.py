@@ -250,7 +250,10 @@ async def submit(request: web.Request) -> web.Response:
         log.warning("cannot read preset %s: %s", preset_name, exc)
         return _error(500, f"The helper cannot read the {preset_name!r} style image.")
     state.jobs[job.id] = Tracked(job, label, time.monotonic())
-    log.info("job %s accepted (%s, %d bytes of content)", job.id, label, len(content))
+    log.info(
+        "job %s accepted (%s, %d bytes of content, keep_faces=%g)",
+        job.id, label, len(content), job.request.settings.keep_faces,
+    )  # fmt: skip
     return web.json_response({"id": job.id, "position": job.position, "style": label}, status=201)
 
 
@@ -346,7 +349,13 @@ async def _status(tracked: Tracked) -> dict[str, Any]:
         "error": None,
     }
     if job.result is not None:
-        info.update(width=job.result.width, height=job.result.height)
+        meta = job.result.metadata
+        info.update(
+            width=job.result.width,
+            height=job.result.height,
+            notes=list(meta.get("notes") or ()),
+            faces=list((meta.get("faces") or {}).get("boxes") or ()),
+        )
     elif job.done:
         event = await job.wait()
         info["error"] = event.reason if isinstance(event, JobCancelled) else job.error

@@ -28,7 +28,9 @@ else:
     import pastiche_client as client
 
 PROC_NAME = "plug-in-pastiche"
-DIALOG_ARGS = ["style-file", "preset", "strength", "size", "quality", "preserve-colors"]
+DIALOG_ARGS = [
+    "style-file", "preset", "strength", "keep-faces", "size", "quality", "preserve-colors",
+]  # fmt: skip
 
 
 def _fail(procedure, message: str):
@@ -112,6 +114,7 @@ def _paint(procedure, image, drawables, config):
             config.get_property("strength"),
             config.get_property("size"),
             config.get_property("preserve-colors"),
+            config.get_property("keep-faces"),
         )
         png, label = client.run_job(
             helper,
@@ -206,6 +209,15 @@ class Pastiche(Gimp.PlugIn):
             "strength",
             "S_trength",
             "0 keeps close to the photo, 1 is mostly style",
+            0.0,
+            1.0,
+            0.5,
+            rw,
+        )
+        procedure.add_double_argument(
+            "keep-faces",
+            "Keep _faces",
+            "Keep faces recognisable: 0 paints them like the rest, 1 keeps the most of them",
             0.0,
             1.0,
             0.5,

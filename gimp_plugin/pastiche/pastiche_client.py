@@ -348,12 +348,15 @@ def describe(status: dict[str, Any]) -> tuple[float, str]:
     return 1.0, f"Pastiche: {state}"
 
 
-def job_settings(strength: float, size: int, preserve_colors: bool) -> dict[str, Any]:
+def job_settings(
+    strength: float, size: int, preserve_colors: bool, keep_faces: float = 0.5
+) -> dict[str, Any]:
     """The per-job settings the plug-in sends (names as in core.settings.Settings)."""
     return {
         "strength": float(strength),
         "size": int(size),
         "preserve_colors": "luminance" if preserve_colors else "none",
+        "keep_faces": float(keep_faces),
     }
 
 
