@@ -364,7 +364,7 @@ def encode_animation(
         return video.encode_mp4(anim, quality=quality, comment=text)
     buf = io.BytesIO()
     if key == "gif":
-        _save_gif(anim, buf, text)
+        _save_gif(anim, buf, text, colors=256 if quality >= 90 else 128 if quality >= 75 else 64)
     elif key == "webp":
         frames = [_clean(f) for f in anim.frames]
         frames[0].save(
@@ -390,11 +390,12 @@ def _clean(frame: Image.Image) -> Image.Image:
     return out
 
 
-def _save_gif(anim: Animation, buf: io.BytesIO, text: str | None) -> None:
+def _save_gif(anim: Animation, buf: io.BytesIO, text: str | None, colors: int) -> None:
     """One adaptive palette from all frames, applied without dithering: per-frame palettes and
-    dither noise both change from frame to frame, which reads as flicker."""
+    dither noise both change from frame to frame, which reads as flicker. ``quality`` below 90
+    means a smaller palette (128 colours, below 75: 64), the one lever GIF has on file size."""
     rgb = [images.flatten(f) for f in anim.frames]
-    palette = _shared_palette(rgb)
+    palette = _shared_palette(rgb, colors)
     frames = [f.quantize(palette=palette, dither=Image.Dither.NONE) for f in rgb]
     extra: dict[str, Any] = {}
     if anim.loop != 1:  # no NETSCAPE block: plays once
@@ -407,8 +408,8 @@ def _save_gif(anim: Animation, buf: io.BytesIO, text: str | None) -> None:
     )  # fmt: skip
 
 
-def _shared_palette(frames: list[Image.Image], sample_side: int = 128) -> Image.Image:
-    """A 256-colour palette image from small copies of (up to 32 of) the frames side by side."""
+def _shared_palette(frames: list[Image.Image], colors: int, sample_side: int = 128) -> Image.Image:
+    """A palette image from small copies of (up to 32 of) the frames side by side."""
     step = max(1, len(frames) // 32)
     thumbs = [images.fit_within(f, sample_side) for f in frames[::step]]
     sheet = Image.new("RGB", (sum(t.width for t in thumbs), max(t.height for t in thumbs)))
@@ -416,7 +417,7 @@ def _shared_palette(frames: list[Image.Image], sample_side: int = 128) -> Image.
     for thumb in thumbs:
         sheet.paste(thumb, (x, 0))
         x += thumb.width
-    return sheet.quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    return sheet.quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
 
 
 def save_animation(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -24,8 +25,16 @@ from typing import Any
 from aiohttp import web
 
 from core import __version__
+from core.animation import (
+    MAX_FRAMES,
+    Animation,
+    AnimationLimits,
+    encode_animation,
+    load_animation,
+    probe_animation,
+)
 from core.errors import BusyError, ImageError, LimitError, SettingsError
-from core.images import validate_image
+from core.images import encode_image, load_image, validate_image
 from core.jobs.events import JobCancelled
 from core.jobs.runner import Job, JobRequest, Runner, RunnerConfig
 from core.presets import PresetLibrary, load_presets
@@ -224,11 +233,17 @@ async def submit(request: web.Request) -> web.Response:
         )
     form = await request.post()
     content = _file_bytes(form.get("content"))
+    frames = [data for data in map(_file_bytes, form.getall("frame", [])) if data is not None]
     style = _file_bytes(form.get("style"))
     preset_name = str(form.get("preset") or "").strip()
-    if content is None:
+    if content is None and not frames:
         return _error(400, "The request has no 'content' image.")
+    clip_format = None
     try:
+        if frames:  # GIMP's layers, one per frame: painted as one animation, lossless both ways
+            content = await asyncio.to_thread(_animation_of, frames, form.get("durations"))
+            clip_format = "png"
+        assert content is not None
         settings = _settings(state, form.get("settings"), form.get("quality"))
         if style is not None:
             label = str(form.get("style_name") or "style").strip()[:64] or "style"
@@ -242,14 +257,17 @@ async def submit(request: web.Request) -> web.Response:
             return _error(400, "Choose a style: attach a 'style' image or name a 'preset'.")
         max_pixels = state.runner.config.max_pixels if state.runner else None
         kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-        await asyncio.to_thread(validate_image, content, name="the image", **kwargs)
+        await asyncio.to_thread(_validate_content, content, kwargs.get("max_pixels"))
         await asyncio.to_thread(validate_image, style, name="the style image", **kwargs)
         settings = settings.replace(extra={**settings.extra, "front_end": "gimp", "style": label})
         runner = await state.started_runner()
         job = await runner.submit(
-            JobRequest(content=content, styles=((style, 1.0),), settings=settings, label=label),
+            JobRequest(
+                content=content, styles=((style, 1.0),), settings=settings, label=label,
+                animation_format=clip_format,
+            ),
             OWNER,
-        )
+        )  # fmt: skip
     except (ImageError, SettingsError) as exc:
         return _error(400, str(exc))
     except LimitError as exc:
@@ -280,9 +298,25 @@ async def result(request: web.Request) -> web.StreamResponse:
             return _error(409, info["error"] or "The job did not finish.", state=info["state"])
         return _error(409, "The job has not finished yet.", state=info["state"])
     return web.Response(
-        body=done.png,
-        content_type="image/png",
+        body=done.data,
+        content_type=done.mime,
         headers={"X-Pastiche-Style": tracked.style},
+    )
+
+
+@routes.get("/jobs/{id}/frames")
+async def frames_of(request: web.Request) -> web.StreamResponse:
+    """An animation's painted frames as a ZIP of PNGs (frame-0001.png, ...) with
+    ``animation.json`` ({"durations": [ms, ...], "loop": n}): what the GIMP plug-in reads with
+    the standard library alone."""
+    tracked = _tracked(request)
+    done = tracked.job.result
+    if done is None:
+        info = await _status(tracked)
+        return _error(409, info["error"] or "The job has not finished yet.", state=info["state"])
+    body = await asyncio.to_thread(_zip_frames, done.data)
+    return web.Response(
+        body=body, content_type="application/zip", headers={"X-Pastiche-Style": tracked.style}
     )
 
 
@@ -316,14 +350,60 @@ async def _status(tracked: Tracked) -> dict[str, Any]:
         "eta": progress.eta if progress else None,
         "step": progress.step if progress else 0,
         "total_steps": progress.total_steps if progress else 0,
+        "frame": progress.frame if progress else 1,
+        "frames": progress.frames if progress else 1,
         "error": None,
     }
     if job.result is not None:
-        info.update(width=job.result.width, height=job.result.height)
+        result = job.result
+        info.update(width=result.width, height=result.height, frames=result.frames)
     elif job.done:
         event = await job.wait()
         info["error"] = event.reason if isinstance(event, JobCancelled) else job.error
     return info
+
+
+def _validate_content(data: bytes, max_pixels: int | None) -> None:
+    """A still image, or every frame of an animation, decoded once before the job is queued."""
+    limit = {"max_pixels": max_pixels} if max_pixels else {}
+    if probe_animation(data) is not None:
+        load_animation(data, limits=AnimationLimits(**limit), max_side=512, name="animation")
+    else:
+        validate_image(data, name="the image", **limit)
+
+
+def _animation_of(frames: list[bytes], raw_durations: object) -> bytes:
+    """The frames (equal-sized images, in order) as one lossless APNG for the worker."""
+    if len(frames) > MAX_FRAMES:
+        raise ImageError(f"The animation has {len(frames)} frames; the limit is {MAX_FRAMES}.")
+    pictures = [load_image(data, name=f"frame {i}") for i, data in enumerate(frames, 1)]
+    if len({p.size for p in pictures}) != 1:
+        raise ImageError("Every frame of an animation must have the same size.")
+    durations = [100] * len(pictures)
+    if raw_durations:
+        try:
+            durations = [int(d) for d in json.loads(str(raw_durations))]
+        except (ValueError, TypeError):
+            raise SettingsError("'durations' must be a JSON list of milliseconds.") from None
+        if len(durations) != len(pictures) or min(durations) < 1:
+            raise SettingsError("'durations' needs one positive number of milliseconds per frame.")
+    if len(pictures) == 1:
+        raise ImageError("An animation needs at least two frames.")
+    return encode_animation(Animation(pictures, durations), "png")
+
+
+def _zip_frames(data: bytes) -> bytes:
+    import zipfile
+
+    clip = load_animation(data)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:  # PNGs are compressed
+        for i, frame in enumerate(clip.frames, 1):
+            archive.writestr(f"frame-{i:04d}.png", encode_image(frame, "png"))
+        archive.writestr(
+            "animation.json", json.dumps({"durations": clip.durations, "loop": clip.loop})
+        )
+    return buf.getvalue()
 
 
 def _file_bytes(value: object) -> bytes | None:

@@ -327,8 +327,8 @@ class LocalBackend:
                     continue
                 self._failures[worker.slot] = 0  # the worker handled a job: not a crash loop
                 if kind == "done":
-                    _, _, png, metadata, width, height = message
-                    return Done(job_id, png, metadata, width, height)
+                    _, _, data, metadata, width, height, *kind = message  # kind: mime, frames
+                    return Done(job_id, data, metadata, width, height, *kind)
                 if kind == "cancelled":
                     return JobCancelled(job_id, cancel.reason or "")
                 if kind == "failed":

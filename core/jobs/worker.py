@@ -19,7 +19,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
-from core.errors import Cancelled, PasticheError
+from core.animation import MIME_TYPES, AnimationInfo, encode_animation, probe_animation
+from core.errors import Cancelled, PasticheError, SettingsError
 from core.jobs.events import JobRequest
 from core.settings import Settings
 
@@ -38,6 +39,14 @@ def load_engine(path: str) -> EngineFn:
     if not callable(fn):
         raise TypeError(f"{path} is not callable")
     return fn
+
+
+def load_animation_engine(path: str) -> EngineFn | None:
+    """The engine's painter of animations: ``<function>_animation`` in the same module
+    (``core.engine:stylize_animation``), or None where the module has none."""
+    module_name, _, attr = path.partition(":")
+    fn = getattr(importlib.import_module(module_name), f"{attr}_animation", None)
+    return fn if callable(fn) else None
 
 
 def main(
@@ -75,8 +84,10 @@ def _serve(
         events.send(("log", level, text))
 
     engine: EngineFn | None = None
+    animate: EngineFn | None = None
     try:
         engine = load_engine(engine_path)
+        animate = load_animation_engine(engine_path)
     except Exception:
         log(logging.ERROR, f"cannot load the engine {engine_path}:\n{traceback.format_exc()}")
     if engine is not None and warmup is not None:
@@ -92,7 +103,7 @@ def _serve(
         if message is None:
             return
         _, seq, request = message
-        _run_job(engine, seq, request, events, cancel_seq)
+        _run_job((engine, animate), seq, request, events, cancel_seq)
 
 
 def _warm_up(engine: EngineFn, settings: Settings) -> None:
@@ -105,9 +116,15 @@ def _warm_up(engine: EngineFn, settings: Settings) -> None:
 
 
 def _run_job(
-    engine: EngineFn | None, seq: int, request: JobRequest, events: Connection, cancel_seq: Any
+    engines: tuple[EngineFn | None, EngineFn | None],
+    seq: int,
+    request: JobRequest,
+    events: Connection,
+    cancel_seq: Any,
 ) -> None:
     from core.images import encode_image
+
+    engine, animate = engines
 
     def should_stop() -> bool:
         return cancel_seq.value == seq
@@ -131,6 +148,8 @@ def _run_job(
             "scales": int(progress.scales),
             "eta": None if progress.eta is None else float(progress.eta),
             "losses": {str(k): float(v) for k, v in progress.losses.items()},
+            "frame": int(getattr(progress, "frame", 1)),
+            "frames": int(getattr(progress, "frames", 1)),
         }
         if now - last_sent >= PROGRESS_INTERVAL or progress.step >= progress.total_steps:
             flush()
@@ -151,17 +170,17 @@ def _run_job(
         settings = request.settings
         if request.label and "label" not in settings.extra:
             settings = settings.replace(extra={**settings.extra, "label": request.label})
-        result = engine(
-            request.content,
-            list(request.styles),
-            settings,
-            on_progress=on_progress,
-            should_stop=should_stop,
-        )
+        hooks = {"on_progress": on_progress, "should_stop": should_stop}
+        kind = probe_animation(request.content)
+        if kind is not None:
+            done = _paint_animation(animate, kind, request, settings, hooks)
+        else:
+            result = engine(request.content, list(request.styles), settings, **hooks)
+            metadata = dict(result.metadata)
+            png = encode_image(result.image, "png", metadata=metadata)
+            done = (png, metadata, result.image.width, result.image.height, "image/png", 1)
         flush()
-        metadata = dict(result.metadata)
-        png = encode_image(result.image, "png", metadata=metadata)
-        events.send(("done", seq, png, metadata, result.image.width, result.image.height))
+        events.send(("done", seq, *done))
     except Cancelled:
         events.send(("cancelled", seq))
     except PasticheError as exc:
@@ -170,3 +189,28 @@ def _run_job(
         raise
     except Exception:
         events.send(("error", seq, traceback.format_exc()))
+
+
+def _paint_animation(
+    animate: EngineFn | None,
+    kind: AnimationInfo,
+    request: JobRequest,
+    settings: Settings,
+    hooks: dict[str, Any],
+) -> tuple[bytes, dict[str, Any], int, int, str, int]:
+    """Every frame painted, encoded as the request asks (or as the input's own kind)."""
+    if animate is None:
+        raise SettingsError("This painting engine cannot paint animations; send a still image.")
+    result = animate(request.content, list(request.styles), settings, **hooks)
+    fmt = request.animation_format or default_animation_format(kind)
+    metadata = dict(result.metadata)
+    data = encode_animation(result.animation, fmt, metadata=metadata)
+    width, height = result.animation.size
+    return data, metadata, width, height, MIME_TYPES[fmt], len(result.animation)
+
+
+def default_animation_format(kind: AnimationInfo) -> str:
+    """An animation goes back as it came (GIF, WebP, APNG); a video as MP4."""
+    if kind.video:
+        return "mp4"
+    return {"GIF": "gif", "WEBP": "webp"}.get(kind.format, "png")
