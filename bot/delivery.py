@@ -137,6 +137,8 @@ def _fitted_clip(
     data: bytes, fmt: str, sent: Animation, painted: Animation, quality: int
 ) -> Fitted:
     width, height = sent.size
+    if fmt == "mp4":  # H.264 4:2:0 needs even sides; the encoder drops the odd row or column
+        width, height = width - width % 2, height - height % 2
     return Fitted(
         data, fmt, width, height, reencoded=True, downscaled=sent.size != painted.size,
         frames=len(sent), dropped_frames=len(painted) - len(sent),
