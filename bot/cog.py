@@ -20,6 +20,7 @@ import discord
 from discord import app_commands
 from discord.ext import commands
 
+from core.animation import AnimationLimits
 from core.errors import BusyError, PasticheError, SettingsError
 from core.images import accepted_formats
 from core.jobs import (
@@ -40,7 +41,7 @@ from core.requests import request_settings
 from core.settings import PreserveColors, Settings
 
 from .config import BotConfig
-from .delivery import fit_to_limit, settings_embed
+from .delivery import fit_animation_to_limit, fit_to_limit, settings_embed
 from .origin import InteractionOrigin, MessageOrigin, Origin
 from .status import JobStatus, ThrottledEditor, render
 from .thumbnails import thumbnail
@@ -116,7 +117,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
     # ---- slash commands ------------------------------------------------------------------
     @app_commands.command(name="stylize", description="Paint a photo in the style of an image.")
     @app_commands.describe(
-        photo=f"The photo to paint ({accepted_formats()}).",
+        photo=f"The photo to paint ({accepted_formats()}), or a GIF or short video to paint frame by frame.",
         style="A painting whose style to copy.",
         preset="Or one of the bot's style presets (see /styles).",
         strength="0 = close to the photo, 1 = mostly style; default: the preset's, else 0.5.",
@@ -283,16 +284,25 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         limits = self.config.limits
         try:
             self._check_cooldown(user_id)
-            check_attachment(photo, what="photo", max_bytes=limits.max_attachment_bytes)
+            check_attachment(
+                photo, what="photo", max_bytes=limits.max_attachment_bytes, videos=True
+            )
             chosen = await self._choose_style(style, preset)
             upload = await fetch_image(
                 photo, what="photo", max_bytes=limits.max_attachment_bytes,
-                max_pixels=limits.max_pixels,
+                max_pixels=limits.max_pixels, clips=self._clip_limits(),
+                clip_side=limits.animation_size,
             )  # fmt: skip
             settings = self._settings(chosen, strength, size, preserve_colours, keep_faces)
+            clip_format = None
+            if upload.animation is not None:  # a GIF or a video: fewer frames, smaller
+                settings = settings.replace(
+                    size=min(settings.size, limits.animation_size), max_frames=limits.max_frames
+                )
+                clip_format = "mp4" if upload.animation.video else "gif"  # what Discord plays
             request = JobRequest(
                 content=upload.data, styles=((chosen.data, 1.0),), settings=settings,
-                label=chosen.label,
+                label=chosen.label, animation_format=clip_format,
             )  # fmt: skip
             job = await self.runner.submit(request, owner=str(user_id))
         except PasticheError as exc:
@@ -318,6 +328,10 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
+
+    def _clip_limits(self) -> AnimationLimits:
+        limits = self.config.limits
+        return AnimationLimits(max_seconds=limits.max_clip_seconds, max_pixels=limits.max_pixels)
 
     async def _tell(self, origin: Origin, text: str) -> None:
         try:
@@ -405,6 +419,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
                     status.state, started = "running", self.clock()
                 elif isinstance(event, ProgressUpdate):
                     status.state, status.percent, status.eta = "running", event.percent, event.eta
+                    status.frame, status.frames = event.frame, event.frames
                 elif isinstance(event, Preview):
                     status.preview = event.png
                 elif isinstance(event, Done):
@@ -431,7 +446,13 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         elapsed: float | None,
     ) -> None:  # fmt: skip
         try:
-            fitted = await asyncio.to_thread(fit_to_limit, done.png, origin.upload_limit)
+            if done.animated:
+                fitted = await asyncio.to_thread(
+                    fit_animation_to_limit, done.data, _CLIP_FORMATS[done.mime],
+                    origin.upload_limit,
+                )  # fmt: skip
+            else:
+                fitted = await asyncio.to_thread(fit_to_limit, done.png, origin.upload_limit)
         except Exception:
             log.exception(
                 "job %s: cannot fit the result into %d bytes", job.id, origin.upload_limit
@@ -446,9 +467,11 @@ class PasticheCog(commands.Cog, name="Pastiche"):
             fitted=fitted,
             elapsed=elapsed,
             metadata=done.metadata,
+            source_frames=done.metadata.get("source_frames"),
         )
         filename = f"pastiche-{job.id}.{fitted.extension}"
-        embed.set_image(url=f"attachment://{filename}")
+        if not fitted.video:  # a video plays as the attachment itself, not in the embed
+            embed.set_image(url=f"attachment://{filename}")
 
         def file() -> discord.File:
             return discord.File(io.BytesIO(fitted.data), filename=filename)
@@ -464,13 +487,18 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         log.info("job %s delivered (%s, %d bytes)", job.id, fitted.format, len(fitted.data))
 
 
+_CLIP_FORMATS = {"image/gif": "gif", "image/webp": "webp", "image/png": "png", "video/mp4": "mp4"}
+
+
 def describe_job(job: Job) -> str:
     """One line for /queue."""
     label = job.request.label or "your image"
     if job.position is not None:
         return f"`{job.id}` ({label}): waiting, position {job.position}."
     if job.progress is not None:
-        return f"`{job.id}` ({label}): painting, {job.progress.percent:.0f} % done."
+        frame = job.progress
+        where = f" (frame {frame.frame} of {frame.frames})" if frame.frames > 1 else ""
+        return f"`{job.id}` ({label}): painting, {job.progress.percent:.0f} % done{where}."
     return f"`{job.id}` ({label}): {job.state.value}."
 
 

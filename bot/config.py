@@ -23,6 +23,9 @@ Example (every key optional except a token from somewhere)::
     max_size = 1024               # largest output long side a user may ask for
     job_timeout = 900             # seconds before a running job is stopped
     status_interval = 3           # seconds between edits of a job's status message
+    max_frames = 24               # frames of a GIF or video painted (evenly spread over it)
+    animation_size = 256          # long side a GIF or video is painted at
+    max_clip_seconds = 30         # longest GIF or video accepted
 
     [engine]
     backbone = "vgg19"
@@ -73,6 +76,11 @@ class Limits:
     max_size: int = 1024
     job_timeout: float = 900.0
     status_interval: float = 3.0
+    max_frames: int = 24
+    """Frames of an animation painted; each costs about what a still of the same size does
+    after the first, so 24 frames at 256 px stay within a few minutes on a CPU."""
+    animation_size: int = 256
+    max_clip_seconds: float = 30.0
 
     @property
     def max_attachment_bytes(self) -> int:
@@ -214,10 +222,12 @@ def _section(cls: type[_Section], raw: Any, name: str) -> _Section:
 
 def _check(cfg: BotConfig) -> None:
     lim, eng = cfg.limits, cfg.engine
-    for key in ("max_queue", "max_per_user", "max_size", "max_pixels"):
+    for key in ("max_queue", "max_per_user", "max_size", "max_pixels", "max_frames"):
         if getattr(lim, key) < 1:
             raise ConfigError(f"limits.{key} must be at least 1.")
-    for key in ("max_attachment_mb", "job_timeout"):
+    if not 16 <= lim.animation_size <= lim.max_size:
+        raise ConfigError("limits.animation_size must be from 16 to limits.max_size.")
+    for key in ("max_attachment_mb", "job_timeout", "max_clip_seconds"):
         if getattr(lim, key) <= 0:
             raise ConfigError(f"limits.{key} must be positive.")
     if lim.cooldown < 0 or lim.status_interval < 0:

@@ -31,6 +31,7 @@ from core import __version__, images
 from core.errors import Cancelled, ImageError, PasticheError, SettingsError
 from core.requests import request_settings
 from core.settings import QUALITIES, QUALITY_ITERATIONS, Settings
+from core.types import AnimationResult, Progress, Result
 
 PROG = "pastiche"
 DISTRIBUTION = "pastiche-paint"
@@ -72,6 +73,9 @@ FIELD_HELP: dict[str, str] = {
     "winograd": "Winograd F(4x4,3x3) convolutions (unset: fp32 on CPU, where measured faster)",
     "fused_pooling": "fuse each ReLU with the max pool after it (unset: on for the CPU)",
     "preview_every": "with --preview: refresh it every N steps",
+    "temporal_weight": "animations: how strongly each frame follows the last (0: paint each alone)",
+    "frame_iterations": "animations: steps for each frame after the first (unset: --iterations)",
+    "max_frames": "animations: paint at most N frames, evenly spread (unset: every frame)",
 }
 _SKIP_FIELDS = {"extra"}
 _WEIGHT_SUFFIX = re.compile(r"^(?P<path>.+):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
@@ -196,14 +200,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Paint CONTENT in the style of the --style images.",
         epilog="Example: pastiche stylize me.jpg --style starry.jpg:2 --style scream.jpg -o out.png",
     )
-    st.add_argument("content", metavar="CONTENT", help=f"the photo ({images.accepted_formats()})")
+    st.add_argument(
+        "content", metavar="CONTENT",
+        help=f"the photo ({images.accepted_formats()}), or an animation (animated GIF, WebP or "
+        "PNG) or a short video (MP4, MOV, WebM) to paint frame by frame",
+    )  # fmt: skip
     st.add_argument(
         "-s", "--style", action="append", required=True, metavar="PATH[:WEIGHT]",
         help="a style image, optionally with a blend weight; repeat for several styles",
     )  # fmt: skip
     st.add_argument(
-        "-o", "--output", required=True, metavar="OUT", help="output file (.png, .jpg, .webp)"
-    )
+        "-o", "--output", required=True, metavar="OUT",
+        help="output file (.png, .jpg, .webp; for an animation .gif, .webp, .png or .mp4)",
+    )  # fmt: skip
     st.add_argument(
         "--quality", choices=QUALITIES, default=None,
         help="iteration budget: " + ", ".join(f"{k}={v}" for k, v in QUALITY_ITERATIONS.items())
@@ -284,8 +293,10 @@ class _ProgressBar:
             self.bar.total = p.total_steps
         self.bar.n = p.step
         loss = p.losses.get("total")
+        frames = getattr(p, "frames", 1)
         self.bar.set_postfix_str(
-            f"scale {p.scale}/{p.scales} {p.width}x{p.height}"
+            (f"frame {p.frame}/{frames}, " if frames > 1 else "")
+            + f"scale {p.scale}/{p.scales} {p.width}x{p.height}"
             + (f", loss {loss:.4g}" if loss is not None else "")
             + (f", ETA {_duration(p.eta)}" if p.eta is not None else ""),
             refresh=False,
@@ -305,21 +316,53 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{sec:02d}" if hours else f"{minutes:02d}:{sec:02d}"
 
 
-def cmd_stylize(ns: argparse.Namespace) -> int:
-    settings = build_settings(ns)
-    images.format_for_path(ns.output)  # a typo in -o fails now, not after the painting
+def _is_animation(path: str) -> bool:
+    """Whether CONTENT is an animation or a video (unreadable files: load_image says why)."""
+    from core.animation import probe_animation
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    return probe_animation(data) is not None
+
+
+def _load_styles(specs: list[str]) -> list[tuple[Any, float]]:
+    styles = []
+    for i, spec in enumerate(specs, start=1):
+        path, weight = parse_style(spec)
+        name = "style image" if len(specs) == 1 else f"style image {i}"
+        styles.append((images.load_image(path, name=name), weight))
+    return styles
+
+
+def _check_output(ns: argparse.Namespace, animated: bool) -> None:
+    """A typo in -o fails now, not after the painting."""
+    if animated:
+        from core.animation import format_for_path
+
+        format_for_path(ns.output)
+    else:
+        images.format_for_path(ns.output)
     out_dir = Path(ns.output).parent
     if not out_dir.is_dir():
         raise ImageError(f"Cannot save '{ns.output}': the folder '{out_dir}' does not exist.")
     if ns.preview:
         images.format_for_path(ns.preview)
+
+
+def cmd_stylize(ns: argparse.Namespace) -> int:
+    settings = build_settings(ns)
+    animated = _is_animation(ns.content)
+    _check_output(ns, animated)
     # Load (and so check) every input before the model is built, naming the file in errors.
-    content = images.load_image(ns.content, name="content image")
-    styles = []
-    for i, spec in enumerate(ns.style, start=1):
-        path, weight = parse_style(spec)
-        name = "style image" if len(ns.style) == 1 else f"style image {i}"
-        styles.append((images.load_image(path, name=name), weight))
+    if animated:
+        from core.animation import load_animation
+
+        content: Any = load_animation(ns.content, max_side=settings.size, name="animation")
+    else:
+        content = images.load_image(ns.content, name="content image")
+    styles = _load_styles(ns.style)
     settings = settings.replace(
         extra={
             **settings.extra,
@@ -328,15 +371,11 @@ def cmd_stylize(ns: argparse.Namespace) -> int:
         }
     )
 
-    from core.engine.run import stylize
-
     bar = _ProgressBar(enabled=not ns.quiet, preview=ns.preview)
     start = time.monotonic()
     with _Interrupt() as interrupt:
         try:
-            result = stylize(
-                content, styles, settings, on_progress=bar, should_stop=interrupt.event.is_set
-            )
+            result = _paint(animated, content, styles, settings, bar, interrupt.event.is_set)
         except Cancelled:
             if not interrupt.event.is_set():
                 raise
@@ -344,13 +383,40 @@ def cmd_stylize(ns: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         finally:
             bar.close()
-    images.save_image(result.image, ns.output, metadata=result.metadata)
+    seconds = time.monotonic() - start
+    if isinstance(result, AnimationResult):
+        from core.animation import save_animation
+
+        save_animation(result.animation, ns.output, metadata=result.metadata)
+        (w, h), what = result.animation.size, f", {len(result.animation)} frames"
+    else:
+        images.save_image(result.image, ns.output, metadata=result.metadata)
+        (w, h), what = result.image.size, ""
     for note in result.metadata.get("notes") or ():  # shown even with --quiet: not progress
         print(f"{PROG}: note: {note}", file=sys.stderr)
     if not ns.quiet:
-        w, h = result.image.size
-        print(f"Saved {ns.output} ({w}x{h}) in {time.monotonic() - start:.1f} s.", file=sys.stderr)
+        print(f"Saved {ns.output} ({w}x{h}{what}) in {seconds:.1f} s.", file=sys.stderr)
     return EXIT_OK
+
+
+def _paint(
+    animated: bool,
+    content: Any,
+    styles: Any,
+    settings: Settings,
+    on_progress: Callable[[Progress], None],
+    should_stop: Callable[[], bool],
+) -> Result | AnimationResult:
+    """The engine's painter of a still or of an animation (imported here: torch loads late)."""
+    if animated:
+        from core.engine import stylize_animation
+
+        return stylize_animation(
+            content, styles, settings, on_progress=on_progress, should_stop=should_stop
+        )
+    from core.engine import stylize
+
+    return stylize(content, styles, settings, on_progress=on_progress, should_stop=should_stop)
 
 
 # ---- weights ---------------------------------------------------------------------------------

@@ -220,6 +220,15 @@ def _reason(exc: BaseException) -> str:
 
 
 # ---- mode, orientation and colour ------------------------------------------------------------
+def normalize(img: Image.Image, *, name: str = "image") -> Image.Image:
+    """An already decoded image (an animation's frame) made upright, sRGB, 8-bit RGB or RGBA:
+    what :func:`load_image` does after decoding."""
+    try:
+        return _normalize(img, f"The {name}")
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"The {name} could not be converted to RGB ({_reason(exc)}).") from None
+
+
 def _normalize(img: Image.Image, subject: str) -> Image.Image:
     icc = img.info.get("icc_profile")
     img = _upright(img)

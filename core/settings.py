@@ -16,6 +16,9 @@ Sources of the defaults (never tuned on random weights):
 * [Gatys 2017] Gatys, Ecker, Bethge, Hertzmann, Shechtman, *Controlling Perceptual Factors in
   Neural Style Transfer* (CVPR 2017): spatial control, each loss term guided by a mask
   resampled to every layer's resolution.
+* [Ruder] Ruder, Dosovitskiy, Brox, *Artistic style transfer for videos* (GCPR 2016) and its
+  code, manuelruder/artistic-videos (content 5, style 100, temporal 1000, TV 1e-3 at 450x350,
+  2000 iterations for the first frame and 1000 for each later one).
 """
 
 from __future__ import annotations
@@ -37,6 +40,20 @@ PreserveColors = Literal["none", "luminance", "stats"]
 Precision = Literal["auto", "fp32", "bf16"]
 Backbone = Literal["vgg19", "vgg19-caffe", "squeezenet", "random"]
 Quality = Literal["draft", "standard", "high"]
+
+_RUDER_TEMPORAL, _RUDER_TV, _RUDER_VALUES = 1e3, 1e-3, 3 * 450 * 350
+TEMPORAL_WEIGHT: float = round(2.0 * 2 * _RUDER_TEMPORAL / (_RUDER_TV * _RUDER_VALUES), 2)
+"""8.47: [Ruder]'s temporal weight carried over to this project's loss scaling through the
+total-variation term, the one other term that is, like the temporal loss, a quadratic penalty on
+pixel values, so the ratio of the two transfers exactly whatever the colour scale (0-255 there,
+0-1 here; both sides scale by 255^2). Their temporal loss is ``gamma / D * sum(c * d^2)`` (a mean
+over the D = 3 * H * W values, gamma = 1000) and their TV is ``lambda / 2 * sum(dx^2 + dy^2)`` (a
+sum, lambda = 1e-3); ours are ``w / D * sum(c * d^2)`` and ``tv_weight * mean(dx^2 + dy^2)`` (the
+nine-point stencil of TVLoss equals that mean for a smooth image), tv_weight = 2. Equal ratios
+give ``w = tv_weight * 2 * gamma / (lambda * D)`` at their working size of 450x350 (their TV,
+a sum, grows with the image, so the ratio is only defined at a size; ours is a mean and holds at
+every size). This assumes each project's TV weight plays the same part next to its content and
+style terms, which is what both were chosen for (a light smoothing)."""
 
 OPTIMIZERS: tuple[Optimizer, ...] = typing.get_args(Optimizer)
 INITS: tuple[Init, ...] = typing.get_args(Init)
@@ -148,6 +165,19 @@ class Settings:
     preview_every: int = 10
     """Send a small preview image with every Nth progress event (0 = never)."""
 
+    temporal_weight: float = TEMPORAL_WEIGHT
+    """Animations: weight of [Ruder]'s temporal loss, which keeps each frame after the first
+    close to the previous painted frame carried along the optical flow, on the pixels where the
+    flow is trusted; 0 paints every frame on its own (flickers). Default: see TEMPORAL_WEIGHT."""
+    frame_iterations: int | None = None
+    """Animations: steps for each frame after the first, at the output size only (they start
+    from the previous painting carried along the flow, so they need no pyramid); None =
+    ``iterations``, half of the first frame's pyramid measured in full-size steps [Ruder: 1000
+    after a first frame of 2000]."""
+    max_frames: int | None = None
+    """Animations: paint at most this many frames, evenly spread over the clip (dropped frames'
+    time goes to the kept ones); None = every frame, up to the reader's hard limit."""
+
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Free-form notes carried into the output metadata (front end, preset name)."""
 
@@ -160,6 +190,11 @@ class Settings:
         return (
             self.initial_iterations if self.initial_iterations is not None else 2 * self.iterations
         )
+
+    @property
+    def later_frame_iterations(self) -> int:
+        """Steps for each animation frame after the first."""
+        return self.iterations if self.frame_iterations is None else self.frame_iterations
 
     @property
     def effective_content_weight(self) -> float:
@@ -274,6 +309,11 @@ def _check_ranges(s: Settings) -> None:
     _int_in(s, "patience", 1, 10_000)
     _int_in(s, "preview_every", 0, 100_000)
     _float_in(s, "keep_faces", 0.0, 1.0)
+    _float_in(s, "temporal_weight", 0.0, 1e9)
+    if s.frame_iterations is not None:
+        _int_in(s, "frame_iterations", 0, 100_000)
+    if s.max_frames is not None:
+        _int_in(s, "max_frames", 1, 100_000)
 
 
 def _check_layers(s: Settings) -> None:

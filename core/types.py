@@ -12,6 +12,7 @@ from typing import Any, Union
 
 from PIL import Image
 
+from core.animation import Animation
 from core.settings import Settings
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, Image.Image]  # noqa: UP007 (runtime alias)
@@ -36,6 +37,8 @@ class Progress:
     elapsed: float  # seconds since stylize() started
     eta: float | None  # seconds left, None until it can be estimated
     preview: Image.Image | None = None  # small RGB preview every settings.preview_every steps
+    frame: int = 1  # animations: 1-based frame being painted (step/total_steps span the clip)
+    frames: int = 1
 
     @property
     def percent(self) -> float:
@@ -47,5 +50,14 @@ class Result:
     """The painting (RGB, or RGBA when the content had alpha) and how it was made."""
 
     image: Image.Image
+    settings: Settings
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AnimationResult:
+    """The painted frames with the input's timing and loop count, and how they were made."""
+
+    animation: Animation
     settings: Settings
     metadata: dict[str, Any] = field(default_factory=dict)

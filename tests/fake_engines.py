@@ -20,7 +20,7 @@ from PIL import Image
 
 from core.errors import Cancelled, ImageError, SettingsError
 from core.settings import Settings
-from core.types import Progress, Result
+from core.types import AnimationResult, Progress, Result
 
 OnProgress = Callable[[Progress], None] | None
 ShouldStop = Callable[[], bool] | None
@@ -28,8 +28,12 @@ ShouldStop = Callable[[], bool] | None
 STEP = 0.02  # seconds per fake optimiser step
 
 
-def _progress(step: int, total: int, preview: Image.Image | None = None) -> Progress:
+def _progress(
+    step: int, total: int, preview: Image.Image | None = None, frame: int = 1, frames: int = 1
+) -> Progress:
     return Progress(
+        frame=frame,
+        frames=frames,
         step=step,
         total_steps=total,
         scale=1,
@@ -144,3 +148,33 @@ def by_mode(
     elif mode == "user_error":
         raise SettingsError("The size must be between 16 and 8192, got 3.")
     return paint(content, styles, settings, on_progress=on_progress, should_stop=should_stop)
+
+
+def paint_animation(
+    content: Any, styles: Any, settings: Any = None, *, on_progress=None, should_stop=None
+):
+    """The animation engine's stand-in: ``settings.iterations`` steps per frame, reported as
+    frame i of n; every frame inverted, timing and loop kept."""
+    from core.animation import load_animation
+
+    anim = load_animation(content)
+    if settings.max_frames:
+        anim = anim.decimated(settings.max_frames)
+    per, n = max(1, settings.iterations), len(anim)
+    for index in range(n):
+        for step in range(1, per + 1):
+            if should_stop is not None and should_stop():
+                raise Cancelled()
+            time.sleep(STEP)
+            if on_progress is not None:
+                preview = anim.frames[index].resize((8, 8)) if step == 1 else None
+                on_progress(_progress(index * per + step, n * per, preview, index + 1, n))
+    painted = [Image.eval(f.convert("RGB"), lambda v: 255 - v) for f in anim.frames]
+    return AnimationResult(
+        animation=anim.with_frames(painted),
+        settings=settings,
+        metadata={"pid": os.getpid(), "frames": n, "label": settings.extra.get("label")},
+    )
+
+
+by_mode_animation = paint_animation

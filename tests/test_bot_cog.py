@@ -340,6 +340,90 @@ async def test_a_heic_selfie_keeps_its_face_and_a_panorama_gets_a_note(make_cog)
     assert "very thin (400x20)" in fields["Note"] and "320x16" in fields["Note"]
 
 
+async def test_gif_comes_back_animated_with_frame_progress(make_cog, tiny_settings) -> None:
+    """A GIF attached to /stylize: painted frame by frame by the real engine (at most
+    max_frames of them), "Frame i of n" in the status, and an animated GIF back with the
+    clip's timing; fitted to the upload limit with fewer frames or a smaller size, saying so."""
+    from core.animation import Animation, encode_animation, load_animation
+
+    from .test_animation import moving_frames
+
+    settings = tiny_settings(size=32, min_size=32, iterations=2, frame_iterations=1)
+    cog = make_cog(settings=settings, max_frames=3, animation_size=32)
+    gif = encode_animation(Animation(moving_frames(5, (64, 48)), [80] * 5, loop=0), "gif")
+    inter = FakeInteraction(limit=25 * MiB)
+    photo = attachment(inter.log, gif, "clip.gif", "image/gif")
+    style = attachment(inter.log, image_bytes(width=32, height=32, seed=2), "art.png")
+    await stylize(cog, inter, photo=photo, style=style)
+    await settle(cog)
+    status = status_message(inter)
+    descriptions = [e["embed"].description for e in status.edits]
+    assert any("Frame 2 of 3" in d for d in descriptions), descriptions
+    assert status.edits[-1]["embed"].title == "Finished"
+    result = inter.followup_sender.messages[-1]
+    (file,) = files_of(result)
+    file.fp.seek(0)
+    clip = load_animation(file.fp.read())
+    assert file.filename.endswith(".gif") and len(clip) == 3 and clip.size == (32, 24)
+    assert clip.duration_ms == 400 and clip.loop == 0  # the clip's length, fewer frames
+    fields = {f.name: f.value for f in result.kwargs["embed"].fields}
+    assert fields["Frames"] == "3 of 5 (evenly spread)" and fields["Size"] == "32×24"
+    assert result.kwargs["embed"].image.url == f"attachment://{file.filename}"
+
+
+@pytest.mark.slow
+async def test_video_by_mention_comes_back_as_mp4_within_a_small_limit(make_cog, tiny_settings):
+    from core.animation import Animation, encode_animation, load_animation
+
+    from .test_animation import moving_frames
+
+    settings = tiny_settings(size=32, min_size=32, iterations=2, frame_iterations=1)
+    cog = make_cog(settings=settings, max_frames=4, animation_size=32)
+    mp4 = encode_animation(Animation(moving_frames(4, (64, 48)), [100] * 4), "mp4")
+    log: list[str] = []
+    video = attachment(log, mp4, "clip.mp4", "video/mp4")
+    style = attachment(log, image_bytes(width=32, height=32, seed=2), "art.png")
+    msg, replies, _ = message(f"<@{BOT_ID}> paint this", [video, style])
+    await cog.on_message(msg)
+    await settle(cog)
+    status, result = replies.messages
+    assert status.edits[-1]["embed"].title == "Finished"
+    file = result.kwargs["file"]
+    file.fp.seek(0)
+    clip = load_animation(file.fp.read())
+    assert file.filename.endswith(".mp4") and len(clip) == 4 and clip.duration_ms == 400
+    assert result.kwargs["embed"].image.url is None  # the video plays as the attachment
+
+
+async def test_animation_over_the_limit_is_sent_smaller_saying_so(make_cog, tiny_settings):
+    from bot.status import JobStatus
+    from core.animation import Animation, encode_animation, load_animation
+    from core.jobs import Done
+
+    from .test_animation import moving_frames
+
+    cog = make_cog()
+    gif = encode_animation(Animation(moving_frames(8, (128, 96)), [50] * 8), "gif")
+    limit = len(gif) // 12
+    inter = FakeInteraction(limit=limit)
+    status = JobStatus(job_id="j2", label="waves", state="running")
+    done = Done("j2", gif, {"source_frames": 8}, 128, 96, "image/gif", 8)
+    await cog._deliver(SimpleNamespace(id="j2"), done, InteractionOrigin(inter), status,
+                       tiny_settings(), 1.0)  # fmt: skip
+    assert status.state == "done", status.message
+    result = inter.followup_sender.messages[-1]
+    file = result.kwargs["file"]
+    file.fp.seek(0)
+    data = file.fp.read()
+    clip = load_animation(data)
+    assert len(data) <= limit and clip.duration_ms == 400 and max(clip.size) < 128
+    footer = result.kwargs["embed"].footer.text
+    assert footer.startswith("Sent ") and footer.endswith("to fit Discord's upload limit.")
+    assert "at a smaller size" in footer
+    if len(clip) < 8:
+        assert f"with {len(clip)} of its 8 frames" in footer
+
+
 @pytest.mark.slow
 async def test_status_edits_are_throttled(make_cog) -> None:
     async def never(seconds: float) -> None:  # injected time stands still

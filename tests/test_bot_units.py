@@ -19,7 +19,7 @@ from PIL import Image
 
 from bot import __main__ as entry
 from bot.config import ConfigError, config_from_dict, load_config
-from bot.delivery import DM_UPLOAD_LIMIT, fit_to_limit, upload_limit
+from bot.delivery import DM_UPLOAD_LIMIT, fit_animation_to_limit, fit_to_limit, upload_limit
 from bot.status import JobStatus, ThrottledEditor, progress_bar, render
 from bot.validation import fetch_image, is_image
 from bot.views import GONE, NOT_YOURS, TEMPLATE, CancelButton, cancel_view, handle_cancel
@@ -196,6 +196,86 @@ def test_fit_keeps_alpha_when_it_can() -> None:
     fitted = fit_to_limit(png, len(png) - 1)
     with Image.open(io.BytesIO(fitted.data)) as img:
         assert fitted.format == "webp" and img.mode == "RGBA"
+
+
+def clip(fmt: str, frames: int = 8, side: int = 96) -> bytes:
+    from core.animation import Animation, encode_animation
+
+    from .test_animation import moving_frames
+
+    return encode_animation(
+        Animation(moving_frames(frames, (side, side * 3 // 4)), [50] * frames), fmt
+    )
+
+
+@pytest.mark.parametrize("fmt", ["gif", "mp4"])
+def test_fit_animation_keeps_a_clip_that_fits(fmt: str) -> None:
+    data = clip(fmt)
+    fitted = fit_animation_to_limit(data, fmt, 10 * MiB)
+    assert fitted.data == data and fitted.frames == 8 and fitted.note() is None
+
+
+@pytest.mark.parametrize("fmt", ["gif", "webp", "mp4"])
+def test_fit_animation_gives_quality_then_size_then_frames(fmt: str) -> None:
+    from core.animation import load_animation
+
+    data = clip(fmt, frames=8, side=128)
+    seen = set()
+    for share in (3 / 4, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 64):
+        limit = int(len(data) * share)
+        try:
+            fitted = fit_animation_to_limit(data, fmt, limit, min_side=16)
+        except ValueError:
+            seen.add("refused")  # even two frames at half size do not fit
+            continue
+        assert len(fitted.data) <= limit and fitted.reencoded and fitted.format == fmt
+        back = load_animation(fitted.data)
+        assert (len(back), back.size) == (fitted.frames, (fitted.width, fitted.height))
+        assert back.duration_ms == 400  # fewer frames show for longer: same length
+        note = fitted.note()
+        assert note is not None and note.startswith("Sent ")
+        seen |= {"quality"} if fitted.lower_quality else set()
+        seen |= {"size"} if fitted.downscaled else set()
+        if fitted.dropped_frames:
+            seen.add("frames")
+            assert max(back.size) == 64  # the size gave way first, down to half
+            assert f"with {fitted.frames} of its 8 frames" in note
+    # Each lever is used somewhere in the sweep (MP4's frames compress to almost nothing, so
+    # dropping them does not help it: it runs out of size instead).
+    assert {"quality", "size", "refused"} <= seen
+    assert "frames" in seen or fmt == "mp4"
+
+
+async def test_fetch_image_reads_every_frame_of_a_clip_and_refuses_broken_ones() -> None:
+    from core.animation import AnimationLimits
+
+    gif = clip("gif", frames=5, side=64)
+    att = attachment(gif, "clip.gif", "image/gif")
+    limits = AnimationLimits(max_frames=10)
+    upload = await fetch_image(att, what="photo", max_bytes=MiB, max_pixels=10**6, clips=limits)
+    assert upload.animation is not None and upload.frames == 5 and upload.info.width == 64
+    still = await fetch_image(att, what="style image", max_bytes=MiB, max_pixels=10**6)
+    assert still.animation is None  # a style is a picture: a GIF's first frame
+    video = attachment(clip("mp4", frames=4), "clip.mp4", "video/mp4")
+    upload = await fetch_image(video, what="photo", max_bytes=MiB, max_pixels=10**6, clips=limits)
+    assert upload.animation is not None and upload.animation.video and upload.frames == 4
+    with pytest.raises(ImageError, match="not a picture"):
+        await fetch_image(video, what="style image", max_bytes=MiB, max_pixels=10**6)
+    with pytest.raises(ImageError, match="more than 3 frames"):
+        await fetch_image(
+            att, what="photo", max_bytes=MiB, max_pixels=10**6, clips=AnimationLimits(max_frames=3)
+        )
+    broken = attachment(gif[: len(gif) // 2], "clip.gif", "image/gif")
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        await fetch_image(broken, what="photo", max_bytes=MiB, max_pixels=10**6, clips=limits)
+
+
+def test_render_shows_the_frame_being_painted() -> None:
+    st = JobStatus(job_id="abc", label="waves", state="running", percent=30.0, frame=7, frames=24)
+    embed, _ = render(st, requester="<@1>")
+    assert "Frame 7 of 24" in embed.description and "30 %" in embed.description
+    st.frames = 1
+    assert "Frame" not in render(st, requester="<@1>")[0].description
 
 
 # ---- status throttle --------------------------------------------------------------------------

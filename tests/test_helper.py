@@ -165,6 +165,41 @@ async def test_bad_requests_are_400_with_a_sentence(tmp_path: Path, presets_dir:
         assert client.server.app[STATE].starting is None
 
 
+async def test_bad_animation_requests_are_400(tmp_path: Path) -> None:
+    png = image_bytes(width=32, height=32)
+
+    def frames_form(*frames: bytes, **fields: str) -> FormData:
+        form = _form(None, png, **fields)
+        for i, data in enumerate(frames):
+            form.add_field("frame", data, filename=f"f{i}.png", content_type="image/png")
+        return form
+
+    async with quick_helper(tmp_path) as client:
+
+        async def error_of(form: FormData) -> str:
+            resp = await client.post("/jobs", data=form, headers=AUTH)
+            assert resp.status == 400
+            return (await resp.json())["error"]
+
+        other = image_bytes(width=40, height=32)
+        assert "same size" in await error_of(frames_form(png, other))
+        assert "at least two frames" in await error_of(frames_form(png))
+        assert "frame 2" in await error_of(frames_form(png, b"junk"))
+        assert "milliseconds" in await error_of(frames_form(png, png, durations="[10]"))
+        assert "milliseconds" in await error_of(frames_form(png, png, durations="oops"))
+        broken = _clip_gif()[:-60]
+        assert "truncated or corrupt" in await error_of(_form(broken, png))
+        assert client.server.app[STATE].starting is None
+
+
+def _clip_gif() -> bytes:
+    from core.animation import Animation, encode_animation
+
+    from .test_animation import moving_frames
+
+    return encode_animation(Animation(moving_frames(4, (64, 48)), [70, 80, 90, 100]), "gif")
+
+
 async def test_unknown_job_is_404(tmp_path: Path) -> None:
     async with quick_helper(tmp_path) as client:
         for method, path in (
@@ -326,6 +361,10 @@ def test_progress_text() -> None:
         pc.describe({"state": "running", "percent": 5, "eta": None})[1] == "Pastiche: painting… 5%"
     )
     assert pc.format_eta(7.4) == "about 7 s left"
+    frame = {"state": "running", "percent": 30, "eta": None, "frame": 7, "frames": 24}
+    assert pc.describe(frame)[1] == "Pastiche: painting… frame 7 of 24, 30%"
+    assert pc.frame_duration("Frame 2 (80ms) (replace)") == 80
+    assert pc.frame_duration("Background") == pc.DEFAULT_FRAME_MS == 100
 
 
 def test_plugin_settings_are_valid_settings() -> None:
@@ -535,6 +574,43 @@ async def test_a_heic_selfie_keeps_its_face(painter: TestClient) -> None:
     png = await (await painter.get(f"/jobs/{job['id']}/result", headers=AUTH)).read()
     meta = read_metadata(png)
     assert meta["settings"]["keep_faces"] == 0.9 and meta["faces"]["boxes"] == status["faces"]
+
+
+@module_loop
+async def test_animation_from_gimp_layers_and_from_a_gif(painter: TestClient) -> None:
+    """The plug-in's way (one PNG per layer, durations beside them) through the real worker,
+    and a GIF sent as content: each comes back as painted frames with its timing."""
+    from core.animation import load_animation
+
+    from .test_animation import moving_frames
+
+    helper = pc.HelperClient(str(painter.make_url("")), TOKEN)
+    frames = [_png(f) for f in moving_frames(3, (64, 48))]
+    style = image_bytes(width=40, height=40, seed=2)
+    settings = {"size": 32, "iterations": 2}
+    seen: list[str] = []
+    (pngs, durations), label = await asyncio.to_thread(
+        pc.run_animation_job, helper, frames, [80, 90, 100], style=style, style_name="art",
+        settings=settings, on_progress=lambda f, text: seen.append(text), poll=0.05,
+    )  # fmt: skip
+    assert label == "art" and durations == [80, 90, 100] and len(pngs) == 3
+    assert all(Image.open(io.BytesIO(p)).size == (32, 24) for p in pngs)
+    assert any("frame 2 of 3" in text for text in seen), seen
+
+    resp = await painter.post("/jobs", data=_form(_clip_gif(), style), headers=AUTH)
+    job = await resp.json()
+    status = await _wait_state(painter, job["id"], {"done", "failed", "cancelled"})
+    assert status["state"] == "done" and status["frames"] == 4, status
+    resp = await painter.get(f"/jobs/{job['id']}/result", headers=AUTH)
+    assert resp.content_type == "image/gif"
+    clip = load_animation(await resp.read())
+    assert len(clip) == 4 and clip.durations == [70, 80, 90, 100]
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
 
 
 @module_loop

@@ -5,6 +5,7 @@ CPU speed work in ``core.engine.cpu``) is the engine's own business. Front ends 
 the job runner's worker processes or, in the CLI, directly.
 """
 
+from core.engine.frames import stylize_animation, stylize_frames
 from core.engine.run import Engine, stylize
 
-__all__ = ["Engine", "stylize"]
+__all__ = ["Engine", "stylize", "stylize_animation", "stylize_frames"]

@@ -205,6 +205,21 @@ class TVLoss(nn.Module):
         return 2 * (d1 + d2 + d3 + d4)
 
 
+class TemporalLoss(nn.Module):
+    """Ruder et al.'s temporal consistency: ``mean(c * (x - w)^2)`` over every pixel value, where
+    ``w`` is the previous painted frame carried into this one along the optical flow and ``c``
+    (1, 1, H, W) is 1 where that flow is trusted and 0 elsewhere (core/flow.py). A mean over all
+    values like theirs, so its weight carries over (see settings.TEMPORAL_WEIGHT)."""
+
+    def __init__(self, warped: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("target", warped.detach().float())
+        self.register_buffer("mask", mask.detach().float())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return (self.mask * (input.float() - self.target).pow(2)).mean()
+
+
 class LayerApply(nn.Module):
     """Apply ``loss`` to one entry of the feature dict."""
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -24,8 +25,16 @@ from typing import Any
 from aiohttp import web
 
 from core import __version__
+from core.animation import (
+    MAX_FRAMES,
+    Animation,
+    AnimationLimits,
+    encode_animation,
+    load_animation,
+    probe_animation,
+)
 from core.errors import BusyError, ImageError, LimitError, SettingsError
-from core.images import validate_image
+from core.images import encode_image, load_image, validate_image
 from core.jobs.broker import BrokerError
 from core.jobs.events import JobCancelled
 from core.jobs.runner import Job, JobRequest, Runner, RunnerConfig
@@ -233,11 +242,12 @@ async def submit(request: web.Request) -> web.Response:
         )
     form = await request.post()
     content = _file_bytes(form.get("content"))
-    if content is None:
+    frames = [data for data in map(_file_bytes, form.getall("frame", [])) if data is not None]
+    if content is None and not frames:
         return _error(400, "The request has no 'content' image.")
     preset_name = str(form.get("preset") or "").strip()
     try:
-        job, label = await _accept(state, form, content)
+        job, label = await _accept(state, form, content, frames)
     except (ImageError, SettingsError) as exc:
         return _error(400, str(exc))
     except LimitError as exc:
@@ -252,16 +262,22 @@ async def submit(request: web.Request) -> web.Response:
     state.jobs[job.id] = Tracked(job, label, time.monotonic())
     log.info(
         "job %s accepted (%s, %d bytes of content, keep_faces=%g)",
-        job.id, label, len(content), job.request.settings.keep_faces,
+        job.id, label, len(job.request.content), job.request.settings.keep_faces,
     )  # fmt: skip
     return web.json_response({"id": job.id, "position": job.position, "style": label}, status=201)
 
 
 async def _accept(
-    state: HelperState, form: Mapping[str, object], content: bytes
+    state: HelperState, form: Mapping[str, object], content: bytes | None, frames: list[bytes]
 ) -> tuple[Job, str]:
     """Check one job's form and submit it; raises the typed errors the handler turns into
-    HTTP answers (OSError: a preset file that cannot be read any more)."""
+    HTTP answers (OSError: a preset file that cannot be read any more). ``frames`` (GIMP's
+    layers, one per frame) are painted as one animation, lossless both ways."""
+    clip_format = None
+    if frames:
+        content = await asyncio.to_thread(_animation_of, frames, form.get("durations"))
+        clip_format = "png"
+    assert content is not None
     style = _file_bytes(form.get("style"))
     preset_name = str(form.get("preset") or "").strip()
     preset: Preset | None = None
@@ -284,13 +300,16 @@ async def _accept(
     assert style is not None
     max_pixels = state.runner.config.max_pixels if state.runner else None
     kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-    await asyncio.to_thread(validate_image, content, name="the image", **kwargs)
+    await asyncio.to_thread(_validate_content, content, kwargs.get("max_pixels"))
     await asyncio.to_thread(validate_image, style, name="the style image", **kwargs)
     runner = await state.started_runner()
     job = await runner.submit(
-        JobRequest(content=content, styles=((style, 1.0),), settings=settings, label=label),
+        JobRequest(
+            content=content, styles=((style, 1.0),), settings=settings, label=label,
+            animation_format=clip_format,
+        ),
         OWNER,
-    )
+    )  # fmt: skip
     return job, label
 
 
@@ -310,9 +329,25 @@ async def result(request: web.Request) -> web.StreamResponse:
             return _error(409, info["error"] or "The job did not finish.", state=info["state"])
         return _error(409, "The job has not finished yet.", state=info["state"])
     return web.Response(
-        body=done.png,
-        content_type="image/png",
+        body=done.data,
+        content_type=done.mime,
         headers={"X-Pastiche-Style": tracked.style},
+    )
+
+
+@routes.get("/jobs/{id}/frames")
+async def frames_of(request: web.Request) -> web.StreamResponse:
+    """An animation's painted frames as a ZIP of PNGs (frame-0001.png, ...) with
+    ``animation.json`` ({"durations": [ms, ...], "loop": n}): what the GIMP plug-in reads with
+    the standard library alone."""
+    tracked = _tracked(request)
+    done = tracked.job.result
+    if done is None:
+        info = await _status(tracked)
+        return _error(409, info["error"] or "The job has not finished yet.", state=info["state"])
+    body = await asyncio.to_thread(_zip_frames, done.data)
+    return web.Response(
+        body=body, content_type="application/zip", headers={"X-Pastiche-Style": tracked.style}
     )
 
 
@@ -346,6 +381,8 @@ async def _status(tracked: Tracked) -> dict[str, Any]:
         "eta": progress.eta if progress else None,
         "step": progress.step if progress else 0,
         "total_steps": progress.total_steps if progress else 0,
+        "frame": progress.frame if progress else 1,
+        "frames": progress.frames if progress else 1,
         "error": None,
     }
     if job.result is not None:
@@ -353,6 +390,7 @@ async def _status(tracked: Tracked) -> dict[str, Any]:
         info.update(
             width=job.result.width,
             height=job.result.height,
+            frames=job.result.frames,
             notes=list(meta.get("notes") or ()),
             faces=list((meta.get("faces") or {}).get("boxes") or ()),
         )
@@ -360,6 +398,49 @@ async def _status(tracked: Tracked) -> dict[str, Any]:
         event = await job.wait()
         info["error"] = event.reason if isinstance(event, JobCancelled) else job.error
     return info
+
+
+def _validate_content(data: bytes, max_pixels: int | None) -> None:
+    """A still image, or every frame of an animation, decoded once before the job is queued."""
+    limit = {"max_pixels": max_pixels} if max_pixels else {}
+    if probe_animation(data) is not None:
+        load_animation(data, limits=AnimationLimits(**limit), max_side=512, name="animation")
+    else:
+        validate_image(data, name="the image", **limit)
+
+
+def _animation_of(frames: list[bytes], raw_durations: object) -> bytes:
+    """The frames (equal-sized images, in order) as one lossless APNG for the worker."""
+    if len(frames) > MAX_FRAMES:
+        raise ImageError(f"The animation has {len(frames)} frames; the limit is {MAX_FRAMES}.")
+    pictures = [load_image(data, name=f"frame {i}") for i, data in enumerate(frames, 1)]
+    if len({p.size for p in pictures}) != 1:
+        raise ImageError("Every frame of an animation must have the same size.")
+    durations = [100] * len(pictures)
+    if raw_durations:
+        try:
+            durations = [int(d) for d in json.loads(str(raw_durations))]
+        except (ValueError, TypeError):
+            raise SettingsError("'durations' must be a JSON list of milliseconds.") from None
+        if len(durations) != len(pictures) or min(durations) < 1:
+            raise SettingsError("'durations' needs one positive number of milliseconds per frame.")
+    if len(pictures) == 1:
+        raise ImageError("An animation needs at least two frames.")
+    return encode_animation(Animation(pictures, durations), "png")
+
+
+def _zip_frames(data: bytes) -> bytes:
+    import zipfile
+
+    clip = load_animation(data)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:  # PNGs are compressed
+        for i, frame in enumerate(clip.frames, 1):
+            archive.writestr(f"frame-{i:04d}.png", encode_image(frame, "png"))
+        archive.writestr(
+            "animation.json", json.dumps({"durations": clip.durations, "loop": clip.loop})
+        )
+    return buf.getvalue()
 
 
 def _file_bytes(value: object) -> bytes | None:

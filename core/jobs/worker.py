@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Protocol, cast
 
-from core.errors import Cancelled, PasticheError
+from core.animation import MIME_TYPES, AnimationInfo, encode_animation, probe_animation
+from core.errors import Cancelled, PasticheError, SettingsError
 from core.jobs.events import (
     Done,
     Failed,
@@ -32,7 +33,7 @@ from core.jobs.events import (
 )
 from core.jobs.messages import Crashed, FromWorker, Log, Ready, RunJob, SharedInt
 from core.settings import Settings
-from core.types import ImageInput, Progress, Result, StyleInput
+from core.types import AnimationResult, ImageInput, Progress, Result, StyleInput
 
 PROGRESS_INTERVAL = 0.2
 """Seconds between progress messages of one job (at most ~5/s; the last one always goes)."""
@@ -54,6 +55,20 @@ class StylizeFn(Protocol):
     ) -> Result: ...
 
 
+class AnimateFn(Protocol):
+    """The engine's painter of animations (``core.engine.run.stylize_animation``)."""
+
+    def __call__(
+        self,
+        content: ImageInput,
+        styles: Sequence[StyleInput],
+        settings: Settings | None = None,
+        *,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> AnimationResult: ...
+
+
 Send = Callable[[FromWorker], None]
 
 
@@ -64,6 +79,14 @@ def load_engine(path: str) -> StylizeFn:
     if not callable(fn):
         raise TypeError(f"{path} is not callable")
     return cast(StylizeFn, fn)
+
+
+def load_animation_engine(path: str) -> AnimateFn | None:
+    """The engine's painter of animations: ``<function>_animation`` in the same module
+    (``core.engine:stylize_animation``), or None where the module has none."""
+    module_name, _, attr = path.partition(":")
+    fn = getattr(importlib.import_module(module_name), f"{attr}_animation", None)
+    return cast(AnimateFn, fn) if callable(fn) else None
 
 
 def main(
@@ -97,7 +120,7 @@ def _serve(
     engine_path: str,
     warmup: Settings | None,
 ) -> None:
-    engine = _load(engine_path, send)
+    engine, animate = _load(engine_path, send)
     if engine is not None and warmup is not None:
         started = time.monotonic()
         try:
@@ -110,7 +133,7 @@ def _serve(
         message = tasks.recv()
         if not isinstance(message, RunJob):
             return  # StopWorker
-        _run_job(engine, message, send, _stop_check(cancel_seq, message.seq))
+        _run_job((engine, animate), message, send, _stop_check(cancel_seq, message.seq))
 
 
 def _stop_check(cancel_seq: SharedInt, seq: int) -> Callable[[], bool]:
@@ -118,13 +141,14 @@ def _stop_check(cancel_seq: SharedInt, seq: int) -> Callable[[], bool]:
     return lambda: cancel_seq.value == seq
 
 
-def _load(engine_path: str, send: Send) -> StylizeFn | None:
-    """The engine, or None (each job then fails, and the log says why)."""
+def _load(engine_path: str, send: Send) -> tuple[StylizeFn | None, AnimateFn | None]:
+    """The engine and its painter of animations, or None (each job then fails, and the log
+    says why)."""
     try:
-        return load_engine(engine_path)
+        return load_engine(engine_path), load_animation_engine(engine_path)
     except Exception:
         send(Log(logging.ERROR, f"cannot load the engine {engine_path}:\n{traceback.format_exc()}"))
-        return None
+        return None, None
 
 
 def _warm_up(engine: StylizeFn, settings: Settings) -> None:
@@ -148,6 +172,8 @@ def progress_event(job_id: str, progress: Progress) -> ProgressUpdate:
         scales=int(progress.scales),
         eta=None if progress.eta is None else float(progress.eta),
         losses={str(name): float(value) for name, value in progress.losses.items()},
+        frame=int(progress.frame),
+        frames=int(progress.frames),
     )
 
 
@@ -181,17 +207,25 @@ class _ProgressRelay:
 
 
 def _run_job(
-    engine: StylizeFn | None, task: RunJob, send: Send, should_stop: Callable[[], bool]
+    engines: tuple[StylizeFn | None, AnimateFn | None],
+    task: RunJob,
+    send: Send,
+    should_stop: Callable[[], bool],
 ) -> None:
     """Run one job and send its events, ending with exactly one terminal message."""
     job_id = task.job_id
+    engine, animate = engines
     try:
         if engine is None:
             raise RuntimeError("the engine could not be loaded (see the log above)")
         if should_stop():
             raise Cancelled()
         send(Started(job_id))
-        send(_paint(engine, job_id, task.request, send, should_stop))
+        kind = probe_animation(task.request.content)
+        if kind is not None:
+            send(_paint_animation(animate, kind, job_id, task.request, send, should_stop))
+        else:
+            send(_paint(engine, job_id, task.request, send, should_stop))
     except Cancelled:
         send(JobCancelled(job_id, ""))  # the runner knows (and words) the reason
     except PasticheError as exc:
@@ -200,6 +234,47 @@ def _run_job(
         raise
     except Exception:
         send(Crashed(job_id, traceback.format_exc()))
+
+
+def _labelled(request: JobRequest) -> Settings:
+    settings = request.settings
+    if request.label and "label" not in settings.extra:
+        settings = settings.replace(extra={**settings.extra, "label": request.label})
+    return settings
+
+
+def _paint_animation(
+    animate: AnimateFn | None,
+    kind: AnimationInfo,
+    job_id: str,
+    request: JobRequest,
+    send: Send,
+    should_stop: Callable[[], bool],
+) -> Done:
+    """Every frame painted, encoded as the request asks (or as the input's own kind)."""
+    if animate is None:
+        raise SettingsError("This painting engine cannot paint animations; send a still image.")
+    relay = _ProgressRelay(job_id, send)
+    result = animate(
+        request.content,
+        list(request.styles),
+        _labelled(request),
+        on_progress=relay,
+        should_stop=should_stop,
+    )
+    relay.flush()
+    fmt = request.animation_format or default_animation_format(kind)
+    metadata = dict(result.metadata)
+    data = encode_animation(result.animation, fmt, metadata=metadata)
+    width, height = result.animation.size
+    return Done(job_id, data, metadata, width, height, MIME_TYPES[fmt], len(result.animation))
+
+
+def default_animation_format(kind: AnimationInfo) -> str:
+    """An animation goes back as it came (GIF, WebP, APNG); a video as MP4."""
+    if kind.video:
+        return "mp4"
+    return {"GIF": "gif", "WEBP": "webp"}.get(kind.format, "png")
 
 
 def _paint(
@@ -211,14 +286,11 @@ def _paint(
 ) -> Done:
     from core.images import encode_image
 
-    settings = request.settings
-    if request.label and "label" not in settings.extra:
-        settings = settings.replace(extra={**settings.extra, "label": request.label})
     relay = _ProgressRelay(job_id, send)
     result = engine(
         request.content,
         list(request.styles),
-        settings,
+        _labelled(request),
         on_progress=relay,
         should_stop=should_stop,
     )
