@@ -31,6 +31,9 @@ from core.errors import ImageError
 _MP4_BRANDS = b"ftyp"
 _QUICKTIME_ATOMS = (b"moov", b"mdat", b"wide", b"free", b"skip")
 _EBML = b"\x1a\x45\xdf\xa3"
+_STILL_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"mif1", b"msf1", b"avif", b"avis")
+"""ISO-BMFF major brands of still pictures (HEIC/HEIF, AVIF): the same box format as MP4, but
+read by the image loader, not as a video."""
 INSTALL_HINT = "Reading and writing videos needs PyAV: pip install 'pastiche[video]'."
 _CODECS = ("libx264", "h264", "libopenh264", "mpeg4")
 """MP4 video encoders in order of preference (H.264 plays everywhere, Discord included)."""
@@ -42,6 +45,8 @@ def looks_like_video(data: bytes) -> bool:
 
 
 def _demuxer(data: bytes) -> str | None:
+    if data[4:8] == _MP4_BRANDS and data[8:12] in _STILL_BRANDS:
+        return None
     if data[4:8] == _MP4_BRANDS or data[4:8] in _QUICKTIME_ATOMS:
         return "mov"  # FFmpeg's one demuxer for MP4, MOV, 3GP and M4A
     if data[:4] == _EBML:

@@ -343,3 +343,19 @@ def test_display_rotation_is_applied() -> None:
     turned = video.upright(img, -90)  # FFmpeg's counter-clockwise angle of a portrait phone clip
     assert turned.size == (20, 40) and turned.getpixel((19, 0)) == (255, 0, 0)
     assert video.upright(img, 0) is img
+
+
+@pytest.mark.parametrize("fmt", ["HEIF", "AVIF"])
+def test_a_still_heic_or_avif_is_a_picture_not_a_video(fmt: str) -> None:
+    """HEIC and AVIF share MP4's box format ('ftyp'); their brands mark them as stills, which
+    the image loader reads (a phone's selfie must not be sent down the video path)."""
+    from core.animation import probe_animation
+    from core.images import load_image
+    from core.video import looks_like_video
+
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 30, 30)).save(buf, fmt, quality=90)
+    data = buf.getvalue()
+    assert data[4:8] == b"ftyp"
+    assert not looks_like_video(data) and probe_animation(data) is None
+    assert load_image(data).size == (32, 24)
