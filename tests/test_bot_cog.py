@@ -358,7 +358,8 @@ async def test_gif_comes_back_animated_with_frame_progress(make_cog, tiny_settin
     await settle(cog)
     status = status_message(inter)
     descriptions = [e["embed"].description for e in status.edits]
-    assert any("Frame 2 of 3" in d for d in descriptions), descriptions
+    # Which frames show depends on the status throttle (one edit per interval): any of them will do.
+    assert any(f"Frame {i} of 3" in d for d in descriptions for i in (1, 2, 3)), descriptions
     assert status.edits[-1]["embed"].title == "Finished"
     result = inter.followup_sender.messages[-1]
     (file,) = files_of(result)

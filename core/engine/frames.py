@@ -94,8 +94,8 @@ class _LaterFrame(_Run):
         fresh = super()._first_image(size)
         return self.mask * self.warped + (1 - self.mask) * fresh
 
-    def _objective(self, size: tuple[int, int]) -> SumLoss:
-        objective = super()._objective(size)
+    def _objective(self, size: tuple[int, int], mask: torch.Tensor | None) -> SumLoss:
+        objective = super()._objective(size, mask)
         target = self.colours.content_tensor(self.warped)
         term = Scale(LayerApply(TemporalLoss(target, self.mask), "input"), self.s.temporal_weight)
         objective.groups["temporal"] = nn.ModuleList([term])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from core import __version__
+from core.animation import MIME_TYPES, AnimationInfo, encode_animation, probe_animation
 from core.errors import Cancelled, PasticheError, SettingsError
 from core.jobs import wire
 from core.jobs.backend import GENERIC_FAILURE
@@ -39,12 +40,21 @@ from core.jobs.events import (
     Event,
     Failed,
     JobCancelled,
+    JobRequest,
     Preview,
     ProgressUpdate,
     Started,
     TerminalEvent,
 )
-from core.jobs.worker import PREVIEW_INTERVAL, PROGRESS_INTERVAL, load_engine
+from core.jobs.worker import (
+    PREVIEW_INTERVAL,
+    PROGRESS_INTERVAL,
+    AnimateFn,
+    default_animation_format,
+    load_animation_engine,
+    load_engine,
+    progress_event,
+)
 from core.jobs.worker import StylizeFn as EngineFn
 from core.settings import Settings
 
@@ -222,16 +232,7 @@ class ProgressRelay:
         if preview is not None and now - self.last_preview >= PREVIEW_INTERVAL:
             self.last_preview = now
             self.send(Preview(self.job_id, encode_image(preview, "png")))
-        self.pending = ProgressUpdate(
-            self.job_id,
-            percent=float(progress.percent),
-            step=int(progress.step),
-            total_steps=int(progress.total_steps),
-            scale=int(progress.scale),
-            scales=int(progress.scales),
-            eta=None if progress.eta is None else float(progress.eta),
-            losses={str(k): float(v) for k, v in progress.losses.items()},
-        )
+        self.pending = progress_event(self.job_id, progress)
         if now - self.last_sent >= PROGRESS_INTERVAL or progress.step >= progress.total_steps:
             self.flush()
 
@@ -261,12 +262,14 @@ class Painter:
         }
         self.heart = Heartbeat(options.broker, options.node, info)
         self.engine: EngineFn | None = None
+        self.animate: AnimateFn | None = None
         try:
             if options.threads is not None:
                 import torch
 
                 torch.set_num_threads(options.threads)
             self.engine = load_engine(options.engine)
+            self.animate = load_animation_engine(options.engine)
         except Exception:
             log.exception("cannot load the engine %s", options.engine)
         if self.engine is not None and options.warmup:
@@ -355,6 +358,9 @@ class Painter:
             if self.engine is None:
                 raise RuntimeError("the engine could not be loaded (see this worker's log)")
             self._publish(keys, Started(job_id))
+            kind = probe_animation(request.content)
+            if kind is not None:
+                return self._paint_animation(job_id, request, kind, settings, relay), None
             result = self.engine(
                 request.content,
                 list(request.styles),
@@ -372,6 +378,31 @@ class Painter:
             detail = traceback.format_exc()
             log.error("job %s failed:\n%s", job_id, detail)
             return Failed(job_id, GENERIC_FAILURE), f"on {self.options.node}:\n{detail}"
+
+    def _paint_animation(
+        self,
+        job_id: str,
+        request: JobRequest,
+        kind: AnimationInfo,
+        settings: Settings,
+        relay: ProgressRelay,
+    ) -> Done:
+        """Every frame painted and encoded as the request asks (or as the input's own kind)."""
+        if self.animate is None:
+            raise SettingsError("This painting engine cannot paint animations; send a still image.")
+        result = self.animate(
+            request.content,
+            list(request.styles),
+            settings,
+            on_progress=relay,
+            should_stop=self.heart.stop_requested.is_set,
+        )
+        relay.flush()
+        fmt = request.animation_format or default_animation_format(kind)
+        metadata = dict(result.metadata)
+        data = encode_animation(result.animation, fmt, metadata=metadata)
+        width, height = result.animation.size
+        return Done(job_id, data, metadata, width, height, MIME_TYPES[fmt], len(result.animation))
 
     @staticmethod
     def _done(job_id: str, result: Any) -> Done:

@@ -46,13 +46,19 @@ def request_to_json(request: JobRequest) -> dict[str, Any]:
         "styles": [[_b64(data), weight] for data, weight in request.styles],
         "settings": request.settings.to_dict(),
         "label": request.label,
+        "animation_format": request.animation_format,
     }
 
 
 def request_from_json(data: Any) -> JobRequest:
     """Rebuild a request; raises WireError (malformed) or SettingsError (bad values)."""
-    if not isinstance(data, dict) or set(data) != {"content", "styles", "settings", "label"}:
+    if not isinstance(data, dict) or set(data) - {"animation_format"} != {
+        "content", "styles", "settings", "label",
+    }:  # fmt: skip
         raise WireError("not a Pastiche job request")
+    clip_format = data.get("animation_format")
+    if clip_format is not None and not isinstance(clip_format, str):
+        raise WireError("malformed animation format")
     styles = data["styles"]
     if not isinstance(styles, list) or not all(
         isinstance(s, list) and len(s) == 2 and isinstance(s[1], (int, float)) for s in styles
@@ -66,6 +72,7 @@ def request_from_json(data: Any) -> JobRequest:
         tuple((_unb64(image), float(weight)) for image, weight in styles),
         settings,
         data["label"],
+        animation_format=clip_format,
     )
 
 
