@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -425,21 +424,4 @@ def save_animation(
 ) -> None:
     """Write by extension (.gif, .webp, .png, .mp4) atomically, like images.save_image."""
     data = encode_animation(anim, format_for_path(path), metadata=metadata)
-    target = Path(path)
-    folder = target.parent if str(target.parent) else Path(".")
-    if not folder.is_dir():
-        raise ImageError(f"Cannot save '{path}': the folder '{folder}' does not exist.")
-    tmp_name = None
-    try:
-        with tempfile.NamedTemporaryFile(
-            dir=folder, prefix=f".{target.name}.", suffix=".tmp", delete=False
-        ) as tmp:
-            tmp_name = tmp.name
-            tmp.write(data)
-        os.replace(tmp_name, target)
-        tmp_name = None
-    except OSError as exc:
-        raise ImageError(f"Cannot save '{path}': {images._reason(exc)}.") from None
-    finally:
-        if tmp_name is not None:
-            Path(tmp_name).unlink(missing_ok=True)
+    images.write_atomically(path, data)

@@ -416,6 +416,12 @@ def save_image(
     a half-written file under ``path``."""
     fmt = format_for_path(path)
     data = encode_image(img, fmt, metadata=metadata)
+    write_atomically(path, data)
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so
+    an interrupted save never leaves a half-written file under ``path``."""
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():

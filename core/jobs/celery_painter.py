@@ -41,19 +41,15 @@ from core.jobs.events import (
     Failed,
     JobCancelled,
     JobRequest,
-    Preview,
-    ProgressUpdate,
     Started,
     TerminalEvent,
 )
 from core.jobs.worker import (
-    PREVIEW_INTERVAL,
-    PROGRESS_INTERVAL,
     AnimateFn,
+    ProgressRelay,
     default_animation_format,
     load_animation_engine,
     load_engine,
-    progress_event,
 )
 from core.jobs.worker import StylizeFn as EngineFn
 from core.settings import Settings
@@ -212,35 +208,6 @@ class Heartbeat(threading.Thread):
         with self._lock:
             if self._job == keys:
                 self.stop_requested.set()
-
-
-class ProgressRelay:
-    """The engine's progress as events: at most ~5 updates and one preview a second, the
-    last update always sent (the same pacing as the local workers)."""
-
-    def __init__(self, job_id: str, send: Callable[[Event], None]) -> None:
-        self.job_id, self.send = job_id, send
-        self.last_sent = 0.0
-        self.last_preview = 0.0
-        self.pending: ProgressUpdate | None = None
-
-    def __call__(self, progress: Any) -> None:
-        from core.images import encode_image
-
-        now = time.monotonic()
-        preview = getattr(progress, "preview", None)
-        if preview is not None and now - self.last_preview >= PREVIEW_INTERVAL:
-            self.last_preview = now
-            self.send(Preview(self.job_id, encode_image(preview, "png")))
-        self.pending = progress_event(self.job_id, progress)
-        if now - self.last_sent >= PROGRESS_INTERVAL or progress.step >= progress.total_steps:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending is not None:
-            self.send(self.pending)
-            self.last_sent = time.monotonic()
-            self.pending = None
 
 
 class Painter:

@@ -177,11 +177,12 @@ def progress_event(job_id: str, progress: Progress) -> ProgressUpdate:
     )
 
 
-class _ProgressRelay:
+class ProgressRelay:
     """The engine's ``on_progress``: coalesces steps into at most one ProgressUpdate per
-    PROGRESS_INTERVAL (the last step always goes) and one Preview per PREVIEW_INTERVAL."""
+    PROGRESS_INTERVAL (the last step always goes) and one Preview per PREVIEW_INTERVAL. Shared
+    by the local workers and the Celery workers, so both pace a job's events alike."""
 
-    def __init__(self, job_id: str, send: Send) -> None:
+    def __init__(self, job_id: str, send: Callable[[ProgressUpdate | Preview], None]) -> None:
         self.job_id = job_id
         self.send = send
         self.last_sent = 0.0
@@ -254,7 +255,7 @@ def _paint_animation(
     """Every frame painted, encoded as the request asks (or as the input's own kind)."""
     if animate is None:
         raise SettingsError("This painting engine cannot paint animations; send a still image.")
-    relay = _ProgressRelay(job_id, send)
+    relay = ProgressRelay(job_id, send)
     result = animate(
         request.content,
         list(request.styles),
@@ -286,7 +287,7 @@ def _paint(
 ) -> Done:
     from core.images import encode_image
 
-    relay = _ProgressRelay(job_id, send)
+    relay = ProgressRelay(job_id, send)
     result = engine(
         request.content,
         list(request.styles),
