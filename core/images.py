@@ -17,7 +17,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
 from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
@@ -217,7 +217,7 @@ def _to_8bit(img: Image.Image, subject: str) -> Image.Image:
         return _grey_to_8bit(img)
     if mode == "LAB":
         lab = ImageCms.createProfile("LAB")
-        return ImageCms.profileToProfile(img, lab, _SRGB, outputMode="RGB")
+        return _converted(ImageCms.profileToProfile(img, lab, _SRGB, outputMode="RGB"))
     try:
         return img.convert("RGB")
     except ValueError:
@@ -236,7 +236,8 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16"):
         lo, hi = 0.0, 65535.0
     else:
-        lo, hi = (float(v) for v in img.convert("F").getextrema())
+        extrema = cast(tuple[float, float], img.convert("F").getextrema())  # one band
+        lo, hi = (float(v) for v in extrema)
         if img.mode == "F" and 0.0 <= lo and hi <= 1.0:
             lo, hi = 0.0, 1.0
         elif 0.0 <= lo and hi <= 255.0:
@@ -246,6 +247,12 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
     scale = 255.0 / (hi - lo) if hi > lo else 1.0
     # F -> L truncates and clips, so add 0.5 to round.
     return img.convert("F").point(lambda v: (v - lo) * scale + 0.5).convert("L")
+
+
+def _converted(img: Image.Image | None) -> Image.Image:
+    """ImageCms returns None only for in-place conversions, which are not used here."""
+    assert img is not None
+    return img
 
 
 def _to_srgb(img: Image.Image, icc: bytes, subject: str) -> Image.Image:
@@ -267,7 +274,7 @@ def _to_srgb(img: Image.Image, icc: bytes, subject: str) -> Image.Image:
     alpha = img.getchannel("A") if img.mode in ("LA", "RGBA") else None
     base = img.convert({"LA": "L", "RGBA": "RGB"}.get(img.mode, img.mode)) if alpha else img
     try:
-        out = ImageCms.profileToProfile(base, profile, _SRGB, outputMode="RGB")
+        out = _converted(ImageCms.profileToProfile(base, profile, _SRGB, outputMode="RGB"))
     except (ImageCms.PyCMSError, OSError, ValueError) as exc:
         log.warning("%s: ICC conversion failed, assuming sRGB: %s", subject, exc)
         return img

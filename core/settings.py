@@ -212,6 +212,21 @@ def _choice(s: Settings, name: str, options: tuple[str, ...]) -> None:
         raise SettingsError(f"{name} must be one of {', '.join(options)}; got {value!r}.")
 
 
+def _check_layers(s: Settings) -> None:
+    """Layer names and per-layer style weights (whether the backbone has them is checked by
+    the engine, which knows the architecture)."""
+    for name in ("content_layers", "style_layers"):
+        layers = getattr(s, name)
+        if layers is not None and (not layers or not all(isinstance(x, str) and x for x in layers)):
+            raise SettingsError(f"{name} must be a non-empty list of layer names.")
+    if s.style_layer_weights is not None:
+        weights = [_num("style_layer_weights", w) for w in s.style_layer_weights]
+        if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise SettingsError("style_layer_weights must be non-negative and not all zero.")
+        if s.style_layers is not None and len(weights) != len(s.style_layers):
+            raise SettingsError("style_layer_weights needs one weight per style layer.")
+
+
 def _check(s: Settings) -> None:
     _int_in(s, "size", 16, 8192)
     _int_in(s, "iterations", 0, 100_000)
@@ -224,16 +239,7 @@ def _check(s: Settings) -> None:
     _float_in(s, "style_weight", 0.0, 1e9)
     _float_in(s, "tv_weight", 0.0, 1e9)
     _float_in(s, "strength", 0.0, 1.0)
-    for name in ("content_layers", "style_layers"):
-        layers = getattr(s, name)
-        if layers is not None and (not layers or not all(isinstance(x, str) and x for x in layers)):
-            raise SettingsError(f"{name} must be a non-empty list of layer names.")
-    if s.style_layer_weights is not None:
-        weights = [_num("style_layer_weights", w) for w in s.style_layer_weights]
-        if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
-            raise SettingsError("style_layer_weights must be non-negative and not all zero.")
-        if s.style_layers is not None and len(weights) != len(s.style_layers):
-            raise SettingsError("style_layer_weights needs one weight per style layer.")
+    _check_layers(s)
     if s.style_depth is not None:
         _int_in(s, "style_depth", 1, 64)
     _choice(s, "style_blend", ("gram", "loss"))

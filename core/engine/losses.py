@@ -19,6 +19,7 @@ All terms are computed in float32 even when the backbone runs in bfloat16.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,8 @@ class _Gram(torch.autograd.Function):
 
     A bf16 activation (autocast) is multiplied in float32 (the Gram must be exact: the style
     loss is a small difference of Grams), but its gradient is bf16 whatever precision the
-    product has, so the backward product runs in bf16: on an AMX CPU a fifth of the time of
-    the float32 one (docs/BENCHMARKS.md), and only the bf16 activation is kept for it, not a
+    product has, so the backward product runs in bf16: on an AMX CPU far faster than the float32
+    one (docs/BENCHMARKS.md), and only the bf16 activation is kept for it, not a
     float32 copy (about 90 MB at 512 px).
     """
 
@@ -79,6 +80,8 @@ def scaled_mse(input: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> 
 class ContentLoss(nn.Module):
     """Distance between activations and the photo's activations at the same layer."""
 
+    target: torch.Tensor
+
     def __init__(self, target: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("target", target.detach().float())
@@ -92,6 +95,8 @@ class StyleLoss(nn.Module):
 
     Takes an activation (B, C, H, W) or its Gram (B, C, C) already taken, as the engine does
     during the forward pass (feature key ``gram_key(layer)``)."""
+
+    target: torch.Tensor
 
     def __init__(self, target_gram: torch.Tensor) -> None:
         super().__init__()
@@ -155,7 +160,7 @@ class SumLoss(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         for name, terms in self.groups.items():
             value = torch.zeros_like(total)
-            for term in terms:
+            for term in cast(nn.ModuleList, terms):
                 value = value + term(feats)
             parts[name] = value.detach()
             total = total + value
