@@ -146,33 +146,21 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown benchmark kind {kind!r}")
 
 
-def _prebuild(settings: Any) -> tuple[float, float | None]:
+def _prebuild(engine: Any, settings: Any) -> tuple[float, float | None]:
     """Build (and cache) the engine's model through its normal path; returns seconds and RSS."""
-    from core.engine.run import default_engine
-
     started = time.perf_counter()
-    default_engine().warm_up(settings)
+    engine.warm_up(settings)
     return time.perf_counter() - started, rss_now_mb()
 
 
 def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: dict) -> dict:
-    from core.engine.cpu import memory
-
-    keep = memory.keep_freed_memory
-    if not spec.get("keep_heap", True):  # the allocator lever: glibc's own behaviour
-        memory.keep_freed_memory = lambda: False
-    try:
-        return _engine_run(spec, settings, content, style, out)
-    finally:
-        memory.keep_freed_memory = keep
-
-
-def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: dict) -> dict:
-    from core.engine import run as engine
+    from core.engine import Engine
     from core.errors import Cancelled
 
+    # keep_heap False is the allocator lever: glibc's own behaviour during the run.
+    engine = Engine(keep_heap=spec.get("keep_heap", True))
     started, cpu_started = time.perf_counter(), time.process_time()
-    out["model_seconds"], out["rss_model_mb"] = _prebuild(settings)
+    out["model_seconds"], out["rss_model_mb"] = _prebuild(engine, settings)
     target = spec.get("target")
     rec = Recorder(
         started,
@@ -203,7 +191,9 @@ def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, o
         }
     continue_iters = spec.get("continue_iterations", 0)
     if target is not None and rec.reached is None and result is not None and continue_iters:
-        out["continued"] = _continue(settings, content, style, result.image, rec, continue_iters)
+        out["continued"] = _continue(
+            engine, settings, content, style, result.image, rec, continue_iters
+        )
     if spec.get("evaluate") and result is not None:
         from core.engine import backbones
 
@@ -214,10 +204,9 @@ def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, o
     return out
 
 
-def _continue(settings, content, style, image, rec: Recorder, iterations: int) -> dict:
+def _continue(engine, settings, content, style, image, rec: Recorder, iterations: int) -> dict:
     """Go on at the final scale from the pyramid's output (an 8-bit image, L-BFGS restarted)
     until the target is reached or ``iterations`` more steps ran."""
-    from core.engine import run as engine
     from core.errors import Cancelled
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,13 +240,14 @@ def _continue(settings, content, style, image, rec: Recorder, iterations: int) -
 
 def _cache(settings: Any, content: Any, style: Any, out: dict) -> dict:
     """Three short runs in one process: cold, warm, and warm with the style targets dropped."""
-    from core.engine import run as engine
+    from core.engine import Engine
 
-    out["model_seconds"], out["rss_model_mb"] = _prebuild(settings)
+    engine = Engine()
+    out["model_seconds"], out["rss_model_mb"] = _prebuild(engine, settings)
     runs = []
     for label in ("first", "second", "second, style targets cleared"):
         if label.endswith("cleared"):
-            engine.default_engine().targets.clear()
+            engine.targets.clear()
         started = time.perf_counter()
         result = engine.stylize(content, [style], settings)
         runs.append(

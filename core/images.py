@@ -289,8 +289,8 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16"):
         lo, hi = 0.0, 65535.0
     else:
-        # One band, so (min, max); Pillow's type covers multi-band images too.
-        lo, hi = cast(tuple[float, float], img.convert("F").getextrema())
+        extrema = cast(tuple[float, float], img.convert("F").getextrema())  # one band
+        lo, hi = (float(v) for v in extrema)
         if img.mode == "F" and 0.0 <= lo and hi <= 1.0:
             lo, hi = 0.0, 1.0
         elif 0.0 <= lo and hi <= 255.0:
@@ -300,6 +300,12 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
     scale = 255.0 / (hi - lo) if hi > lo else 1.0
     # F -> L truncates and clips, so add 0.5 to round.
     return img.convert("F").point(lambda v: (v - lo) * scale + 0.5).convert("L")
+
+
+def _converted(img: Image.Image | None) -> Image.Image:
+    """ImageCms returns None only for in-place conversions, which are not used here."""
+    assert img is not None
+    return img
 
 
 def _to_srgb(img: Image.Image, icc: bytes, subject: str) -> Image.Image:

@@ -331,9 +331,15 @@ def test_vgg19_checkpoint_loads_and_builds(vgg19_checkpoint: Path) -> None:
 
 
 def test_wrapped_state_dict_is_unwrapped(tmp_path) -> None:
+    inner = random_state_dict("squeezenet", seed=5)
     path = tmp_path / "wrapped.pth"
-    torch.save({"state_dict": random_state_dict("squeezenet"), "epoch": 1}, path)
-    build("squeezenet", weights.load_state_dict(path), ["fire2"])
+    torch.save({"state_dict": inner, "epoch": 1}, path)
+    loaded = weights.load_state_dict(path)
+    assert loaded.keys() == inner.keys()  # the wrapper and its "epoch" are gone
+    assert all(torch.equal(loaded[k], v) for k, v in inner.items())  # saved and loaded as is
+    model = build("squeezenet", loaded, ["fire2"])
+    built = {f"features.{k}": v for k, v in model.features.state_dict().items()}
+    assert built and all(torch.equal(v, inner[k]) for k, v in built.items())
 
 
 def test_wrong_checkpoint_for_architecture(tmp_path, squeeze_bytes, vgg19_checkpoint) -> None:

@@ -281,8 +281,9 @@ def stylize_animation(
     """Paint an animation or video (bytes, a path, or an Animation already read): at most
     ``settings.max_frames`` of its frames, keeping its timing and loop count."""
     s = settings or Settings()
-    clip = content
-    if not isinstance(clip, Animation):
+    if isinstance(content, Animation):
+        clip = content
+    else:
         clip = load_animation(content, max_side=s.size, name="animation")
     source_frames = len(clip)
     if s.max_frames is not None:

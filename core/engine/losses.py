@@ -19,6 +19,7 @@ All terms are computed in float32 even when the backbone runs in bfloat16.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +37,13 @@ class _Gram(torch.autograd.Function):
 
     A bf16 activation (autocast) is multiplied in float32 (the Gram must be exact: the style
     loss is a small difference of Grams), but its gradient is bf16 whatever precision the
-    product has, so the backward product runs in bf16: on an AMX CPU a fifth of the time of
-    the float32 one (docs/BENCHMARKS.md), and only the bf16 activation is kept for it, not a
+    product has, so the backward product runs in bf16: on an AMX CPU far faster than the float32
+    one (docs/BENCHMARKS.md), and only the bf16 activation is kept for it, not a
     float32 copy (about 90 MB at 512 px).
     """
 
     @staticmethod
-    def forward(ctx, mat: torch.Tensor, positions_first: bool, n: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, mat: torch.Tensor, positions_first: bool, n: int) -> torch.Tensor:
         ctx.save_for_backward(mat)
         ctx.positions_first, ctx.n = positions_first, n
         f = mat.float()  # a transient copy unless already float32
@@ -53,7 +54,7 @@ class _Gram(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (mat,) = ctx.saved_tensors
         sym = (grad + grad.transpose(1, 2)).div_(ctx.n).to(mat.dtype)
         return (torch.bmm(mat, sym) if ctx.positions_first else torch.bmm(sym, mat)), None, None
@@ -81,7 +82,7 @@ class _GuidedGram(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, mat: torch.Tensor, weights: torch.Tensor, positions_first: bool, n: float):  # type: ignore[override]
+    def forward(ctx, mat: torch.Tensor, weights: torch.Tensor, positions_first: bool, n: float):
         ctx.save_for_backward(mat, weights)
         ctx.positions_first, ctx.n = positions_first, n
         f = mat.float()
@@ -93,7 +94,7 @@ class _GuidedGram(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         mat, weights = ctx.saved_tensors
         sym = (grad + grad.transpose(1, 2)).div_(ctx.n).to(mat.dtype)
         weighted = mat * weights.to(mat.dtype)
@@ -141,6 +142,8 @@ def scaled_mse(input: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> 
 class ContentLoss(nn.Module):
     """Distance between activations and the photo's activations at the same layer."""
 
+    target: torch.Tensor
+
     def __init__(self, target: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("target", target.detach().float())
@@ -162,6 +165,9 @@ class MaskedContentLoss(nn.Module):
     fraction ``a`` of the image is ``1/a`` times that of a term over all of it.
     """
 
+    target: torch.Tensor
+    mask: torch.Tensor
+
     def __init__(self, target: torch.Tensor, mask: torch.Tensor) -> None:
         super().__init__()
         m = F.interpolate(mask.float(), size=target.shape[-2:], mode="area")
@@ -178,6 +184,8 @@ class StyleLoss(nn.Module):
 
     Takes an activation (B, C, H, W) or its Gram (B, C, C) already taken, as the engine does
     during the forward pass (feature key ``gram_key(layer)``)."""
+
+    target: torch.Tensor
 
     def __init__(self, target_gram: torch.Tensor) -> None:
         super().__init__()
@@ -210,6 +218,9 @@ class TemporalLoss(nn.Module):
     ``w`` is the previous painted frame carried into this one along the optical flow and ``c``
     (1, 1, H, W) is 1 where that flow is trusted and 0 elsewhere (core/flow.py). A mean over all
     values like theirs, so its weight carries over (see settings.TEMPORAL_WEIGHT)."""
+
+    target: torch.Tensor
+    mask: torch.Tensor
 
     def __init__(self, warped: torch.Tensor, mask: torch.Tensor) -> None:
         super().__init__()
@@ -256,7 +267,7 @@ class SumLoss(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         for name, terms in self.groups.items():
             value = torch.zeros_like(total)
-            for term in terms:
+            for term in cast(nn.ModuleList, terms):
                 value = value + term(feats)
             parts[name] = value.detach()
             total = total + value

@@ -87,7 +87,8 @@ def build_model(
     model = backbones.build(plan.arch.name, state, plan.layers, normalization=normalization)
     model = model.to(opts.device)
     if opts.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format (torch docs); the stubs lack it.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if opts.winograd:
         winograd.convert(model.features)
     if opts.fused_pooling:

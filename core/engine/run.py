@@ -13,6 +13,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import torch
@@ -147,9 +148,13 @@ def plan_scales(s: Settings, photo_size: tuple[int, int], min_side: int) -> list
 class Engine:
     """Paints images, keeping what is worth keeping between runs of one process: the built
     backbones (``models``, LRU of two) and the style images' Gram targets (``targets``, LRU of
-    32, so a preset used again is free)."""
+    32, so a preset used again is free). ``keep_heap`` False leaves glibc's allocator
+    settings alone during runs (core/engine/cpu/memory.py; the benchmark's allocator lever)."""
 
-    def __init__(self, model_cache_size: int = 2, target_cache_size: int = 32) -> None:
+    def __init__(
+        self, model_cache_size: int = 2, target_cache_size: int = 32, *, keep_heap: bool = True
+    ) -> None:
+        self.keep_heap = keep_heap
         self.models: LRU[tuple, backbones.FeatureExtractor] = LRU(model_cache_size)
         self.targets: LRU[tuple, Grams] = LRU(target_cache_size)
 
@@ -173,12 +178,10 @@ class Engine:
         Raises ImageError / SettingsError / WeightsError for user errors and Cancelled when
         ``should_stop()`` returns True (checked once per optimiser step).
         """
-        memory.keep_freed_memory()  # no page faults from step to step (cpu/memory.py)
-        try:
+        # No page faults from step to step, only during the run (core/engine/cpu/memory.py).
+        with memory.during_run(self.keep_heap):
             run = _Run(self, content, styles, settings or Settings(), on_progress, should_stop)
             return run.result()
-        finally:
-            memory.release()
 
     def warm_up(self, settings: Settings) -> None:
         """Build (and cache) the backbone ``settings`` use, ahead of the first run."""
@@ -337,7 +340,7 @@ class _Run:
                 self.s,
                 scale.size,
                 image,
-                lambda size=scale.size: self._first_image(size),
+                partial(self._first_image, scale.size),
                 self.colours.content_tensor,
             )
             # Trimmed here, after the targets: the steps then reuse their own freed blocks, and

@@ -354,7 +354,8 @@ def optimise_scale(
         if should_stop is not None and should_stop():
             raise Cancelled()
         t0 = time.perf_counter()
-        opt.step(closure)
+        # The stubs type the closure as returning float; torch's optimisers take the loss tensor.
+        opt.step(closure)  # type: ignore[arg-type]
         if average is not None:
             with torch.no_grad():
                 image.clamp_(0, 1)  # box constraint for Adam (not L-BFGS) [crowsonkb]

@@ -13,14 +13,15 @@ Style transfer never trains the network. The gradient with respect to the input 
 adjoint of the same computation (the same transformed filters, transposed), so L-BFGS sees
 gradients consistent with the loss, and nothing of the input is saved for the backward pass.
 The transformed filters are 4x the size of the filters (205 MB for VGG19 up to conv5_1), so
-they are not kept: each call transforms its layer's filters (``G g G^T``, one small GEMM, about
-1.4 ms for a 512x512 layer, ~2 % of a step) half of the taps at a time into a reused
-scratch buffer, which keeps the model at its own size.
+they are not kept: each call transforms its layer's filters (``G g G^T``, one small GEMM, a
+small share of a step: docs/BENCHMARKS.md) half of the taps at a time into a reused scratch
+buffer, which keeps the model at its own size.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +108,8 @@ def _buffers(numel: int, device: torch.device, dtype: torch.dtype) -> tuple[torc
 
 
 # Taps whose transformed filters are made at a time: half of the 36, so the scratch for them is
-# 19 MB for a 512 x 512 layer instead of 38 MB (a quarter made the products ~5 % slower).
+# 19 MB for a 512 x 512 layer instead of 38 MB (a quarter made the products measurably slower:
+# docs/BENCHMARKS.md).
 TAP_GROUP = 18
 
 
@@ -218,12 +220,12 @@ def conv3x3_adjoint(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):  # type: ignore[override]
+    def forward(ctx, x, weight, bias):
         ctx.weight = weight  # frozen: nothing of the input is kept
         return conv3x3(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         return conv3x3_adjoint(grad, ctx.weight), None, None
@@ -257,7 +259,7 @@ class WinogradConv2d(nn.Module):
         return _Conv3x3.apply(x, self.conv.weight.detach(), bias)
 
 
-def supports(conv: nn.Module) -> bool:
+def supports(conv: nn.Module) -> TypeGuard[nn.Conv2d]:
     """True for a plain 3x3, stride 1, padding 1 (zeros), dilation 1, ungrouped conv."""
     return (
         isinstance(conv, nn.Conv2d)
@@ -271,10 +273,9 @@ def supports(conv: nn.Module) -> bool:
 
 
 # Where the transforms cost more memory traffic than the multiplies they save: per output, the
-# multiplies go with in x out and the transform traffic with in + out. On the 2-core AVX512
-# machine, F(4x4, 3x3) made VGG19's 64 -> 64 layer (conv1_2) 1.2x slower and its 64 -> 128
-# layer (conv2_1) 1.3x faster, the wider ones 1.9-3.4x faster (forward plus input gradient,
-# 512x384 input; docs/BENCHMARKS.md).
+# multiplies go with in x out and the transform traffic with in + out. Measured per layer
+# (forward plus input gradient), F(4x4, 3x3) made VGG19's 64 -> 64 layer (conv1_2) slower and
+# its 64 -> 128 layer (conv2_1) and the wider ones faster (figures: docs/BENCHMARKS.md).
 MIN_CHANNEL_PRODUCT = 64 * 128
 
 
