@@ -219,21 +219,39 @@ def load_model(settings: Settings, plan: LayerPlan, device: torch.device, channe
         else:
             log.warning("Using RANDOM backbone weights: output will not look like a painting.")
         model = backbones.build(plan.arch.name, state, layers, normalization=normalization)
-        model = model.to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if use_winograd:
-            winograd.convert(model.features)
-        if use_fusion:
-            fusion.fuse_relu_pool(model.features, keep=set(model.index.values()))
-        if dtype is not None:
-            store_weights_in(model, dtype)
+        model = convert_model(
+            model, device, channels_last=channels_last, use_winograd=use_winograd,
+            use_fusion=use_fusion, dtype=dtype,
+        )  # fmt: skip
         _MODEL_CACHE[key] = model
         while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
             _MODEL_CACHE.popitem(last=False)
     else:
         _MODEL_CACHE.move_to_end(key)
     return model, source
+
+
+def convert_model(
+    model: backbones.FeatureExtractor,
+    device: torch.device,
+    *,
+    channels_last: bool,
+    use_winograd: bool,
+    use_fusion: bool,
+    dtype: torch.dtype | None,
+) -> backbones.FeatureExtractor:
+    """The extractor moved to ``device`` and converted for the chosen path (in place; the same
+    build for a run and for the speed probe, core/engine/probe.py)."""
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if use_winograd:
+        winograd.convert(model.features)
+    if use_fusion:
+        fusion.fuse_relu_pool(model.features, keep=set(model.index.values()))
+    if dtype is not None:
+        store_weights_in(model, dtype)
+    return model
 
 
 def store_weights_in(model: nn.Module, dtype: torch.dtype) -> None:

@@ -232,9 +232,13 @@ class _Conv3x3(torch.autograd.Function):
 class WinogradConv2d(nn.Module):
     """A frozen 3x3, stride 1, padding 1 ``nn.Conv2d`` computed by F(4x4, 3x3).
 
-    Falls back to the wrapped convolution for anything but fp32 (autocast, other dtypes) or
-    trainable weights, so a model can be moved between devices and precisions freely. The
-    wrapped weights are re-laid out tap-major (same values and shape).
+    Runs in float32, or in bfloat16 under a bf16 autocast (the transforms and the products
+    then take bf16 inputs with float32 accumulation, as oneDNN's own bf16 convolutions do: on
+    CPUs with fast bf16 dot products the products cost half as much or less; whether that
+    pays, and whether it is accurate enough, is measured by ``core.engine.probe``). Falls back
+    to the wrapped convolution for other dtypes or trainable weights, so a model can be moved
+    between devices and precisions freely. The wrapped weights are re-laid out tap-major (same
+    values and shape).
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -246,15 +250,22 @@ class WinogradConv2d(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.dtype != torch.float32
-            or self.conv.weight.dtype != torch.float32
-            or torch.is_autocast_enabled(x.device.type)
-            or self.conv.weight.requires_grad
-        ):
+        dtype = _compute_dtype(x)
+        if dtype is None or self.conv.weight.requires_grad:
             return self.conv(x)
-        bias = self.conv.bias.detach() if self.conv.bias is not None else None
-        return _Conv3x3.apply(x, self.conv.weight.detach(), bias)
+        weight = self.conv.weight.detach().to(dtype)  # no copy when stored in ``dtype``
+        bias = self.conv.bias.detach().to(dtype) if self.conv.bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return _Conv3x3.apply(x.to(dtype), weight, bias)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """float32 or bfloat16 (under a bf16 autocast, or for bf16 input), else None."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        dtype = x.dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16) else None
 
 
 def supports(conv: nn.Module) -> bool:
