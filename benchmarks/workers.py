@@ -143,6 +143,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return _engine(spec, settings, content, style, out)
     if kind == "cache":
         return _cache(settings, content, style, out)
+    if kind == "probe":
+        return _probe(out)
     raise ValueError(f"unknown benchmark kind {kind!r}")
 
 
@@ -275,6 +277,23 @@ def _cache(settings: Any, content: Any, style: Any, out: dict) -> dict:
             }
         )
     out["runs"] = runs
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def _probe(out: dict) -> dict:
+    """The engine's speed probe as a first run on this machine pays it (imports excluded)."""
+    import torch
+
+    from core.engine import autotune
+
+    device = torch.device("cpu")
+    started = time.perf_counter()
+    record, origin = autotune.measurements(device)
+    out["probe_wall"] = time.perf_counter() - started
+    out["origin"] = origin
+    out["record"] = record.to_json()
+    out["choice"] = autotune.choose("auto", None, device).metadata()
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 
