@@ -2,14 +2,17 @@
 
 In one run, on the same random VGG19 weights and the same images, it measures
 
+* the engine's speed probe (core/engine/autotune.py), in a cache of its own: how long a first
+  run on this machine spends choosing precision and convolutions, and what it chose;
 * seconds per L-BFGS iteration and peak memory of the baseline (benchmarks/baseline.py) and of
   the engine at each size, every variant in a fresh process, in alternating order;
 * the time each needs to reach the objective the baseline reaches after ``--ref-iterations``
   steps (the engine: its default pyramid, then more steps at the final scale);
 * a default-settings stylization (wall time and peak memory);
-* each engine lever on and off, with the loss difference it causes: precision, channels_last,
-  Winograd convolutions, frozen weights (via the baseline), the pyramid and the style-target
-  cache.
+* each engine lever on and off, with the loss difference it causes: every precision x
+  convolution path (fp32 / bf16, oneDNN / Winograd) against the measured choice, channels_last,
+  fused pooling, the kept heap, torch.compile, frozen weights (via the baseline), the pyramid
+  and the style-target cache.
 
 The ratios are printed as the last lines. Timings are the median of the timed iterations after
 a warm-up, the best over rounds; the machine may be shared, so the load average is printed too.
@@ -488,7 +491,8 @@ class Bench:
             f"{default['import_seconds']:.1f} s not), peak RSS {mb(default['peak_rss_mb'])}, "
             f"scales {meta.get('scales')}, steps {meta.get('steps')}, "
             f"precision {meta.get('precision')}, channels_last {meta.get('channels_last')}, "
-            f"winograd {meta.get('winograd')}, fused pooling {meta.get('fused_pooling')}"
+            f"winograd {meta.get('winograd')}, fused pooling {meta.get('fused_pooling')}, "
+            f"speed path {meta.get('speed', {}).get('path')} ({meta.get('speed', {}).get('reason')})"
         )
 
         self.say("\nLevers (on vs off, same run):")

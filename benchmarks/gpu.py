@@ -5,7 +5,8 @@ have no GPU), so this is the check to run whenever one is at hand: for each size
 running it prints the time per step, steps per second and the peak GPU memory, with random VGG19
 weights and synthetic images. The ways are the CUDA-only code paths: bf16 autocast and fp32,
 cuDNN's own pooling (``fused_pooling`` off: the fused ReLU + pool is made for CPUs),
-``channels_last``, and what ``precision="auto"`` picks by measuring (core/engine/autotune.py).
+``channels_last``, ``torch.compile`` of the network, and what ``precision="auto"`` picks by
+measuring (core/engine/autotune.py).
 Every run is one scale (no pyramid) of ``--steps`` L-BFGS steps after ``--warmup`` untimed ones.
 
 Without a CUDA device it says so and exits with status 2. ``--device cpu`` runs the same code on
@@ -43,7 +44,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "fused_pooling": False,
         "channels_last": False,
     },
+    "bf16, cuDNN pooling, channels_last, compiled": {
+        "precision": "bf16",
+        "fused_pooling": False,
+        "channels_last": True,
+    },
 }
+COMPILED = {"bf16, cuDNN pooling, channels_last, compiled"}
+"""Variants run under ``torch.compile`` (benchmarks/workers.py: compiled_models); the
+compiling happens in the untimed warm-up steps, so it shows in the wall time only."""
 NO_CUDA = (
     "benchmarks.gpu: no CUDA device here (torch {version}, torch.cuda.is_available() is False). "
     "Run it on a machine with an NVIDIA GPU and a CUDA build of PyTorch; `--device cpu` runs "
@@ -65,7 +74,7 @@ class Row:
     def line(self) -> str:
         w, h = self.size
         return (
-            f"{w}x{h:<5} {self.variant:38s} {self.seconds_per_step:7.3f} s/step "
+            f"{w}x{h:<5} {self.variant:46s} {self.seconds_per_step:7.3f} s/step "
             f"{1 / self.seconds_per_step:7.2f} steps/s  peak {self.peak_mb:8.0f} MB  "
             f"wall {self.wall:6.1f} s  loss {self.loss:.5g}  ran {self.path} ({self.reason})"
         )
@@ -77,6 +86,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile variant (minutes)"
+    )
     ns = parser.parse_args(list(argv))
     try:
         ns.sizes = tuple(int(v) for v in ns.sizes.split(",") if v.strip())
@@ -99,9 +111,12 @@ def peak_memory_mb(device: Any) -> float:
 
 def run_one(content: Path, style: Path, size: int, name: str, ns: argparse.Namespace) -> Row:
     """One variant at one size: ``warmup + steps`` steps at a single scale."""
+    import contextlib
+
     import torch
 
-    from core.engine import stylize
+    from benchmarks.workers import compiled_models
+    from core.engine.run import default_engine
     from core.settings import Settings
 
     device = torch.device(ns.device)
@@ -115,13 +130,17 @@ def run_one(content: Path, style: Path, size: int, name: str, ns: argparse.Names
         torch.cuda.reset_peak_memory_stats(device)
     stamps: list[float] = []
     started = time.perf_counter()
-    # Progress reads the loss (a device sync), so the stamps are step boundaries.
-    result = stylize(
-        str(content),
-        [str(style)],
-        settings,
-        on_progress=lambda p: stamps.append(time.perf_counter()),
-    )
+    engine = default_engine()
+    engine.warm_up(settings)  # built (and the speed probe made) before the compiled wrapper
+    compiled = compiled_models(engine) if name in COMPILED else contextlib.nullcontext()
+    with compiled:
+        # Progress reads the loss (a device sync), so the stamps are step boundaries.
+        result = engine.stylize(
+            str(content),
+            [str(style)],
+            settings,
+            on_progress=lambda p: stamps.append(time.perf_counter()),
+        )
     wall = time.perf_counter() - started
     steps = [b - a for a, b in zip(stamps[ns.warmup - 1 :], stamps[ns.warmup :], strict=False)]
     speed = result.metadata.get("speed", {})
@@ -159,10 +178,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         content, style = synthetic_images(Path(tmp), max(ns.sizes))
         for size in ns.sizes:
             for name in VARIANTS:
+                if ns.no_compile and name in COMPILED:
+                    continue
                 try:
                     row = run_one(content, style, size, name, ns)
                 except torch.cuda.OutOfMemoryError as exc:
-                    print(f"{size:5d} px {name:38s} out of GPU memory: {exc}", flush=True)
+                    print(f"{size:5d} px {name:46s} out of GPU memory: {exc}", flush=True)
+                    continue
+                except Exception as exc:  # e.g. torch.compile's tracer; the other rows still count
+                    print(
+                        f"{size:5d} px {name:46s} failed: {type(exc).__name__}: {exc}", flush=True
+                    )
                     continue
                 print(row.line(), flush=True)
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

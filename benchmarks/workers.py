@@ -7,6 +7,7 @@ fixed overhead from what a run adds. Run as ``python -m benchmarks.workers '<jso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -150,16 +152,41 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _prebuild(settings: Any) -> tuple[float, float | None]:
     """Build (and cache) the engine's model through its normal path; returns seconds and RSS."""
-    from core.engine import run as engine
+    from core.engine.run import default_engine
 
     started = time.perf_counter()
-    plan = engine.layer_plan(settings)
-    device = engine.pick_device(settings.device)
-    channels_last = (
-        settings.channels_last if settings.channels_last is not None else device.type != "mps"
-    )
-    engine.load_model(settings, plan, device, channels_last)
+    default_engine().warm_up(settings)
     return time.perf_counter() - started, rss_now_mb()
+
+
+@contextlib.contextmanager
+def compiled_models(engine: Any) -> Iterator[None]:
+    """The engine's cached networks under ``torch.compile`` for the block (the compile lever;
+    the engine itself stays eager, see docs/BENCHMARKS.md), put back as they were after it.
+    Two parts stay eager inside the compiled network: conv1_1, the backward of whose replicate
+    padding torch 2.13's tracer rejects (a stride mismatch in ``replication_pad2d_backward``'s
+    meta kernel), and Winograd layers, whose strided views it cannot trace."""
+    import torch
+
+    from core.engine.cpu.winograd import WinogradConv2d
+
+    saved = engine.models.items()
+    patched = []
+    for key, model in saved:
+        eager = [model.features[0]]
+        eager += [m for m in model.modules() if isinstance(m, WinogradConv2d)]
+        for module in eager:
+            module.forward = torch.compiler.disable(module.forward)
+            patched.append(module)
+        engine.models.put(key, torch.compile(model))
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward  # the class's own again
+        for key, model in saved:
+            engine.models.put(key, model)
+        torch.compiler.reset()
 
 
 def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: dict) -> dict:
@@ -189,12 +216,22 @@ def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, o
         min_steps=spec.get("min_steps", 0),
     )
     result = None
+    maybe_compiled = (
+        compiled_models(engine.default_engine())
+        if spec.get("compile")
+        else contextlib.nullcontext()
+    )
     try:
-        result = engine.stylize(
-            content, [style], settings, on_progress=rec.on_progress, should_stop=rec.should_stop
-        )
+        with maybe_compiled:
+            result = engine.stylize(
+                content, [style], settings, on_progress=rec.on_progress, should_stop=rec.should_stop
+            )
     except Cancelled:
         pass
+    except Exception as exc:  # torch.compile's tracer fails on what eager runs
+        if not spec.get("compile"):
+            raise
+        out["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     out["wall_seconds"] = time.perf_counter() - started
     out["peak_rss_mb"] = peak_rss_mb()
     out["steps"] = rec.steps
@@ -206,8 +243,11 @@ def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, o
         out["final_loss"] = meta["losses"]["total"]
         out["metadata"] = {
             k: meta[k]
-            for k in ("precision", "channels_last", "winograd", "fused_pooling", "scales", "steps")
-        }
+            for k in (
+                "precision", "channels_last", "winograd", "fused_pooling", "scales", "steps",
+                "speed",
+            )
+        }  # fmt: skip
     continue_iters = spec.get("continue_iterations", 0)
     if target is not None and rec.reached is None and result is not None and continue_iters:
         out["continued"] = _continue(settings, content, style, result.image, rec, continue_iters)
@@ -264,7 +304,7 @@ def _cache(settings: Any, content: Any, style: Any, out: dict) -> dict:
     runs = []
     for label in ("first", "second", "second, style targets cleared"):
         if label.endswith("cleared"):
-            engine._TARGET_CACHE.clear()  # the only way to measure the cache on its own
+            engine.default_engine().targets.clear()
         started = time.perf_counter()
         result = engine.stylize(content, [style], settings)
         runs.append(

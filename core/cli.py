@@ -63,9 +63,9 @@ FIELD_HELP: dict[str, str] = {
     "backbone": "feature network",
     "weights": "local checkpoint file for the backbone (also $PASTICHE_WEIGHTS)",
     "device": "auto, cpu, cuda, cuda:N or mps",
-    "precision": "numeric precision of the convolutions",
+    "precision": "numeric precision of the convolutions (auto: as measured faster here)",
     "channels_last": "channels-last memory layout (unset: where measured faster)",
-    "winograd": "Winograd F(4x4,3x3) convolutions (unset: fp32 on CPU, where measured faster)",
+    "winograd": "Winograd convolutions on CPUs (unset: as measured faster on this machine)",
     "fused_pooling": "fuse each ReLU with the max pool after it (unset: on for the CPU)",
     "preview_every": "with --preview: refresh it every N steps",
 }

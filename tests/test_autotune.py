@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from core.engine import autotune, probe
+from core.engine import autotune
+from core.engine import speed_probe as probe
 from core.engine.autotune import Record, SpeedPath, Trial
 
 CPU = torch.device("cpu")
@@ -216,3 +217,52 @@ def test_the_real_probe_measures_every_path_of_the_real_network() -> None:
     for trial in record.trials:  # each either failed, was rejected, or was timed
         assert trial.error is not None or not trial.accurate or trial.seconds is not None
     assert record.size == list(probe.probe_size(CPU)) and record.probe_seconds > 0
+    from core.engine.cpu import winograd
+
+    assert "pool" not in winograd._local.__dict__  # its scratch buffers are not kept
+
+
+def _winning(path: str) -> Record:
+    """A record of this machine in which ``path`` measured fastest (and accurate)."""
+    times = {"fp32": 1.0, "fp32+winograd": 0.8, "bf16": 0.7, "bf16+winograd": 0.7}
+    times[path] = 0.1
+    trials = [
+        Trial(
+            name,
+            t,
+            0.0 if name.startswith("fp32") else 0.01,
+            0.0 if name.startswith("fp32") else 0.05,
+        )
+        for name, t in times.items()
+    ]
+    return Record(autotune.machine_key(CPU), trials, 2.0, "then", size=[192, 144])
+
+
+def test_the_engine_runs_the_measured_choice_and_records_why(
+    own_cache: Path, tiny_settings: Callable[..., object]
+) -> None:
+    from core.engine import stylize
+    from tests.conftest import make_image
+
+    autotune.store_record(own_cache, _winning("bf16+winograd"))
+    content, style = make_image(48, 40, seed=1), make_image(40, 40, seed=2)
+    result = stylize(content, [style], tiny_settings(precision="auto", iterations=1))
+    meta = result.metadata
+    assert meta["precision"] == "bfloat16" and meta["winograd"] is True
+    assert meta["speed"]["path"] == "bf16+winograd"
+    assert meta["speed"]["reason"] == f"cached from {own_cache}"
+    assert meta["speed"]["measured"]["bf16+winograd"] == pytest.approx(0.1)
+    forced = stylize(
+        content, [style], tiny_settings(precision="fp32", winograd=False, iterations=1)
+    )
+    assert forced.metadata["speed"] == {"path": "fp32", "reason": "forced"}
+    assert forced.metadata["precision"] == "fp32" and forced.metadata["winograd"] is False
+
+
+def test_a_worker_makes_the_choice_at_start_up(own_cache: Path) -> None:
+    """``core.engine.prepare`` (called by each worker before its first job) reads or makes
+    the choice; here it is read from the cache, so nothing is measured."""
+    from core.engine import prepare
+
+    autotune.store_record(own_cache, _winning("fp32+winograd"))
+    assert prepare().startswith("fp32+winograd (cached from ")

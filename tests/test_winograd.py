@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from core.engine import backbones
-from core.engine import run as engine
+from core.engine import device as engine_device
 from core.engine.cpu import winograd
 from core.settings import Settings
 from tests.conftest import losses_off_and_on
@@ -145,12 +145,14 @@ def test_engine_objective_is_the_same_with_and_without_winograd(
         assert results[True][term] == pytest.approx(value, rel=1e-4)
 
 
-def test_winograd_is_picked_for_fp32_on_cpu_only() -> None:
+def test_winograd_is_offered_on_cpus_only_and_forced_settings_hold() -> None:
+    from core.engine import autotune
+
+    assert any(p.winograd for p in autotune.paths_for("cpu"))
+    assert not any(p.winograd for p in autotune.paths_for("cuda"))  # cuDNN has its own
     cpu = torch.device("cpu")
-    assert engine.pick_winograd(Settings(precision="fp32"), cpu)
-    assert not engine.pick_winograd(Settings(precision="bf16"), cpu)
-    assert not engine.pick_winograd(Settings(winograd=False), cpu)
-    assert not engine.pick_winograd(Settings(precision="fp32"), torch.device("meta"))
+    assert engine_device.pick_winograd(Settings(precision="fp32", winograd=True), cpu)
+    assert not engine_device.pick_winograd(Settings(precision="bf16", winograd=False), cpu)
 
 
 def test_winograd_setting_is_validated() -> None:

@@ -5,7 +5,7 @@ autocast was 2.5x faster than fp32 per 512 px step on a Xeon with AMX, 1.6x *slo
 with AVX512-BF16 but no AMX, and 1.3x faster on an AMD Zen 4 with the same flags as that Xeon
 (docs/BENCHMARKS.md, issue 14). So, as cuDNN's benchmark mode does for its algorithms, the
 engine times one forward and backward step of the real network each way at a small size
-(``core.engine.probe``), keeps the fastest way that is also accurate enough, and caches the
+(``core.engine.speed_probe``), keeps the fastest way that is also accurate enough, and caches the
 measurements per machine and torch version in a JSON file next to the weights
 (``torch.hub.get_dir()/checkpoints/pastiche-speed.json``, or ``$PASTICHE_SPEED_CACHE``), so
 later runs and other processes pay nothing.
@@ -20,6 +20,7 @@ policy is tested with a fake clock.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -135,7 +136,7 @@ class Record:
     measured_at: str
     load: str = ""
     size: list[int] = field(default_factory=list)
-    cpu_share: float | None = None  # see probe.ProbeNetwork.cpu_share
+    cpu_share: float | None = None  # see speed_probe.ProbeNetwork.cpu_share
     attempts: int = 1  # probes so far on a busy machine (see ``settled``)
 
     @property
@@ -178,6 +179,13 @@ class Choice:
     @property
     def path(self) -> SpeedPath:
         return SpeedPath(self.precision, self.winograd)
+
+    @property
+    def dtype(self) -> Any:
+        """The autocast dtype (``torch.bfloat16``), or None for fp32."""
+        import torch
+
+        return torch.bfloat16 if self.precision == "bf16" else None
 
     def describe(self) -> str:
         text = f"{self.path.name} ({self.reason})"
@@ -235,6 +243,7 @@ def cache_file() -> Path:
     return weights.cache_dir() / FILE_NAME
 
 
+@functools.cache
 def _cpu_model() -> tuple[str, str]:
     """The CPU's model name and a short digest of its feature flags (for the key only)."""
     found: dict[str, str] = {}
@@ -340,7 +349,7 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 # ---- deciding -------------------------------------------------------------------------------
 Prober = Callable[[Any, Sequence[SpeedPath]], Record]
-"""Measures the paths on a device and returns the record (``core.engine.probe.measure``)."""
+"""Measures the paths on a device and returns the record (``core.engine.speed_probe.measure``)."""
 
 _memo: dict[str, tuple[Record, str]] = {}
 _memo_lock = threading.Lock()
@@ -380,9 +389,9 @@ def _cached_or_probed(
 
 def _probe(device: Any, key: dict[str, Any], prober: Prober | None) -> Record:
     if prober is None:
-        from core.engine import probe
+        from core.engine import speed_probe
 
-        prober = probe.measure
+        prober = speed_probe.measure
     started = time.perf_counter()
     record = prober(device, probe_paths(device))
     record.key = key

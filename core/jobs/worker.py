@@ -79,6 +79,8 @@ def _serve(
         engine = load_engine(engine_path)
     except Exception:
         log(logging.ERROR, f"cannot load the engine {engine_path}:\n{traceback.format_exc()}")
+    if engine is not None:
+        _prepare(engine_path, warmup, log)
     if engine is not None and warmup is not None:
         started = time.monotonic()
         try:
@@ -93,6 +95,17 @@ def _serve(
             return
         _, seq, request = message
         _run_job(engine, seq, request, events, cancel_seq)
+
+
+def _prepare(engine_path: str, settings: Settings | None, log: Callable[[int, str], None]) -> None:
+    """The engine's per-machine choices, once per worker before its first job (``prepare`` of
+    the engine's module, if it has one: core.engine's runs the speed probe on first use)."""
+    prepare = getattr(importlib.import_module(engine_path.partition(":")[0]), "prepare", None)
+    if callable(prepare):
+        try:
+            log(logging.INFO, f"speed: {prepare(settings)}")
+        except Exception:  # the first job makes the choice again and reports what fails
+            log(logging.WARNING, f"speed choice failed:\n{traceback.format_exc()}")
 
 
 def _warm_up(engine: EngineFn, settings: Settings) -> None:

@@ -12,7 +12,7 @@ checked in tests/test_winograd.py and reported as a loss difference by the bench
 In bf16 (under a bf16 autocast, for CPUs whose bf16 dot products are faster than their fp32
 ones) the same code runs F(2x2, 3x3): 4 multiplies per output, but transforms that do not
 amplify bf16's rounding as F(4x4)'s do (see ``tiling_for``). Whether that path pays, and is
-accurate enough, is measured on each machine (core/engine/probe.py).
+accurate enough, is measured on each machine (core/engine/speed_probe.py).
 
 Style transfer never trains the network. The gradient with respect to the input is the exact
 adjoint of the same computation (the same transformed filters, transposed), so L-BFGS sees
@@ -133,6 +133,12 @@ def _scratch(name: str, numel: int, device: torch.device, dtype: torch.dtype) ->
     if found is None or found.numel() < numel:
         found = pool[key] = torch.empty(max(numel, BAND_ELEMENTS), device=device, dtype=dtype)
     return found[:numel]
+
+
+def free_scratch() -> None:
+    """Drop this thread's buffers (the speed probe's, about 75 MB for both precisions, which
+    the run that follows may not use)."""
+    _local.__dict__.pop("pool", None)
 
 
 def _buffers(numel: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

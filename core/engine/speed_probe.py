@@ -16,15 +16,19 @@ adds time.
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from core.engine.autotune import REFERENCE, Record, SpeedPath, Trial
+from core.engine.cpu import winograd
+
+if TYPE_CHECKING:
+    from core.engine.model import Forward
 
 Step = Callable[[], tuple[float, torch.Tensor]]
 """One forward and backward step: the loss and the gradient with respect to the input."""
@@ -89,8 +93,11 @@ def measure(device: torch.device, paths: Sequence[SpeedPath]) -> Record:
     (the caller knows what it measured for)."""
     started = time.perf_counter()
     net = ProbeNetwork(device)
-    trials = time_paths(paths, net.step_for)
-    net.close()
+    try:
+        trials = time_paths(paths, net.step_for)
+    finally:
+        net.close()
+        winograd.free_scratch()  # the run that follows allocates what it uses
     try:
         load = " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
@@ -118,15 +125,17 @@ class ProbeNetwork:
     """The engine's network and objective at the probe size, built once for all paths."""
 
     def __init__(self, device: torch.device, seed: int = 0) -> None:
-        from core.engine import backbones, run
+        from core.engine import backbones, model
+        from core.engine import device as devices
         from core.settings import Settings
 
         self.device = device
         self.size = probe_size(device)
         self.settings = Settings(backbone="random", device=device.type)
-        self.plan = run.layer_plan(self.settings)
-        layers = tuple(dict.fromkeys((*self.plan.content, *self.plan.style)))
-        self.base = backbones.build("vgg19", None, layers, seed=seed)
+        self.plan = model.layer_plan(self.settings)
+        self.state = backbones.random_state_dict("vgg19", seed)
+        self.channels_last = devices.pick_channels_last(self.settings, device)
+        self.fused = devices.pick_fused_pooling(self.settings, device)
         gen = torch.Generator().manual_seed(seed)
         w, h = self.size
         self.image, content, style = (torch.rand((1, 3, h, w), generator=gen) for _ in range(3))
@@ -143,7 +152,6 @@ class ProbeNetwork:
 
     def _objective(self, content: torch.Tensor, style: torch.Tensor) -> torch.nn.Module:
         """The engine's content and style terms, with targets taken by the fp32 network."""
-        from core.engine import run
         from core.engine.losses import (
             ContentLoss,
             LayerApply,
@@ -155,7 +163,7 @@ class ProbeNetwork:
         )
 
         s, plan = self.settings, self.plan
-        fwd = run.Forward(self.base.to(self.device), self.device, None, False)
+        fwd = self._forward(SpeedPath("fp32", False))
         with torch.no_grad():
             c, st = fwd(content, plan.content), fwd(style, plan.style)
         terms = {
@@ -170,20 +178,18 @@ class ProbeNetwork:
         }
         return SumLoss(terms)
 
-    def step_for(self, path: SpeedPath) -> Step:
-        """A step of the network built as the engine builds it for ``path``."""
-        from core.engine import run
+    def _forward(self, path: SpeedPath) -> Forward:
+        """The network built as the engine builds it for ``path`` (core/engine/model.py)."""
+        from core.engine.model import BuildOptions, Forward, build_model
 
         dtype = torch.bfloat16 if path.precision == "bf16" else None
-        model = run.convert_model(
-            copy.deepcopy(self.base),
-            self.device,
-            channels_last=True,
-            use_winograd=path.winograd,
-            use_fusion=self.device.type == "cpu",
-            dtype=dtype,
-        )
-        fwd = run.Forward(model, self.device, dtype, True)
+        opts = BuildOptions(self.device, self.channels_last, path.winograd, self.fused, dtype)
+        net = build_model(self.plan, self.state, "imagenet", opts)
+        return Forward(net, self.device, dtype, self.channels_last)
+
+    def step_for(self, path: SpeedPath) -> Step:
+        """One step of the engine's network and objective for ``path``."""
+        fwd = self._forward(path)
         x = self.image.clone().requires_grad_(True)
         objective, grams = self.objective, self.plan.style
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -209,8 +215,8 @@ class ProbeNetwork:
         return step
 
     def close(self) -> None:
-        """Let the models go before the real run starts."""
-        del self.base, self.objective
+        """Let the weights go before the real run starts."""
+        del self.state, self.objective
 
 
 def describe(record: Record) -> str:
