@@ -42,15 +42,16 @@ FILE_NAME = "pastiche-speed.json"
 PROBE_VERSION = 1
 """Bumped when the probe or its paths change, so older measurements are not reused."""
 
-# The accuracy gate, against the fp32 direct-convolution path on the same input. Over nine probe
-# inputs (3 seeds x 128, 160 and 192 px, random VGG19 weights), bf16 autocast through oneDNN
-# (the mixed precision networks are trained with) was off by 0.2-3.6 % on the loss and 7-14 %
-# (relative L2) on the input gradient, bf16 Winograd F(2x2, 3x3) by 0.2-3.6 % and 8-17 %, fp32
-# Winograd by < 1e-6 and < 0.3 %; bf16 Winograd F(4x4, 3x3), whose transforms amplify bf16
-# rounding tenfold, by 2-19 % and 15-107 %. The bounds accept the first three with a margin
-# and reject the last on one measure or the other in all nine.
-MAX_LOSS_ERROR = 0.08
-MAX_GRAD_ERROR = 0.25
+# The accuracy gate, against the fp32 direct-convolution path on the same input. On the probe's
+# own inputs (6 seeds at 192 x 144, random VGG19 weights), bf16 autocast through oneDNN (the
+# mixed precision networks are trained with) was off by 0.2-3.4 % on the loss and 10-25 %
+# (relative L2) on the input gradient, bf16 Winograd F(2x2, 3x3) by 0.4-7.8 % and 12-36 %, fp32
+# Winograd by < 1e-6 and < 0.3 %. The bounds are about twice the worst accepted; bf16 Winograd
+# F(4x4, 3x3), whose transforms amplify bf16 rounding tenfold, was off by 2-19 % and 15-107 %
+# on nine other inputs and fell outside them in eight (docs/BENCHMARKS.md). The gate is for
+# paths that are broken on some machine or build, not for ranking the accurate ones.
+MAX_LOSS_ERROR = 0.10
+MAX_GRAD_ERROR = 0.50
 # A reduced-precision path must beat the fastest fp32 path by this factor to be chosen: within
 # 10 % the two are inside the run-to-run noise of a shared machine, and fp32 gives the exact
 # gradient of the loss the user asked for.
