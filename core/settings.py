@@ -152,13 +152,15 @@ class Settings:
     device: str = "auto"
     """auto (cuda, then mps, then cpu), or any torch device string."""
     precision: Precision = "auto"
-    """bf16 autocast for convolutions where measured faster (see benchmarks/); Gram matrices
-    and losses always in fp32."""
+    """bf16 autocast for the convolutions, or fp32; Gram matrices and losses always in fp32.
+    ``auto``: whichever a short probe measured faster on this machine at the same accuracy
+    (core/engine/autotune.py; once per machine and torch version, then cached)."""
     channels_last: bool | None = None
     """None = on where measured faster."""
     winograd: bool | None = None
-    """3x3 convolutions by Winograd's F(4x4, 3x3) (core/winograd.py): fewer multiplies, same
-    result up to fp32 rounding. None = on for fp32 on CPU, where it measured faster."""
+    """3x3 convolutions by Winograd's algorithm on CPUs (core/engine/cpu/winograd.py): F(4x4,
+    3x3) in fp32, fewer multiplies, same result up to fp32 rounding; F(2x2, 3x3) in bf16.
+    None = as the probe measured faster on this machine (see ``precision``)."""
     fused_pooling: bool | None = None
     """Each ReLU before a max pool fused with it (core/fusion.py): same result, less memory
     and time in the backward pass. None = on for the CPU (the only device it is made for)."""

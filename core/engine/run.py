@@ -26,8 +26,7 @@ from core.engine.device import (
     pick_channels_last,
     pick_device,
     pick_fused_pooling,
-    pick_precision,
-    pick_winograd,
+    pick_speed,
 )
 from core.engine.inputs import Inputs, load_inputs, split_styles
 from core.engine.losses import SumLoss, gram
@@ -78,6 +77,9 @@ class LRU(Generic[K, V]):
 
     def values(self) -> list[V]:
         return list(self._items.values())
+
+    def items(self) -> list[tuple[K, V]]:
+        return list(self._items.items())
 
     def clear(self) -> None:
         self._items.clear()
@@ -194,12 +196,13 @@ class Engine:
     ) -> tuple[backbones.FeatureExtractor, str]:
         """The frozen extractor for these settings, built once per engine; and its source."""
         wf = weight_file(settings)
+        speed = pick_speed(settings, device)
         opts = BuildOptions(
             device,
             channels_last,
-            pick_winograd(settings, device),
+            speed.winograd,
             pick_fused_pooling(settings, device),
-            pick_precision(settings, device),
+            speed.dtype,
         )
         mtime = os.path.getmtime(wf.path) if wf.path else 0.0
         key = (
@@ -254,7 +257,8 @@ class _Run:
         self.inputs: Inputs = load_inputs(content, style_items, s)
         self.faces = faces.detect_faces(self.inputs.photo) if s.keep_faces > 0 else []
         self.device = pick_device(s.device)
-        self.dtype = pick_precision(s, self.device)
+        self.speed = pick_speed(s, self.device)  # the probe runs here on first use
+        self.dtype = self.speed.dtype
         self.channels_last = pick_channels_last(s, self.device)
         model, self.source = engine.load_model(s, self.plan, self.device, self.channels_last)
         self.fwd = Forward(model, self.device, self.dtype, self.channels_last)
@@ -387,7 +391,8 @@ class _Run:
             "device": str(device),
             "precision": "fp32" if self.dtype is None else str(self.dtype).replace("torch.", ""),
             "channels_last": self.channels_last,
-            "winograd": pick_winograd(s, device),
+            "winograd": self.speed.winograd,
+            "speed": self.speed.metadata(),  # the path, why, and the timings it was chosen by
             "fused_pooling": pick_fused_pooling(s, device),
             "scales": [list(p.size) for p in self.scales],
             "steps": steps,

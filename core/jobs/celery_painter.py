@@ -44,12 +44,14 @@ from core.jobs.events import (
     Started,
     TerminalEvent,
 )
+from core.jobs.messages import Log
 from core.jobs.worker import (
     AnimateFn,
     ProgressRelay,
     default_animation_format,
     load_animation_engine,
     load_engine,
+    prepare_engine,
 )
 from core.jobs.worker import StylizeFn as EngineFn
 from core.settings import Settings
@@ -90,6 +92,12 @@ class WorkerOptions:
             raise SettingsError(NO_INIT_IMAGE)
         weights = self.weights if settings.backbone == self.backbone else None
         return settings.replace(device=self.device, weights=weights, init_image=None)
+
+
+def _log_message(message: object) -> None:
+    """``prepare_engine``'s messages into this worker's log."""
+    if isinstance(message, Log):
+        log.log(message.level, message.text)
 
 
 def redis_client(url: str) -> Any:
@@ -239,6 +247,8 @@ class Painter:
             self.animate = load_animation_engine(options.engine)
         except Exception:
             log.exception("cannot load the engine %s", options.engine)
+        if self.engine is not None:
+            prepare_engine(options.engine, options.server_side(Settings()), _log_message)
         if self.engine is not None and options.warmup:
             self._warm_up()
         self.heart.start()  # announce this worker only once it is ready to paint

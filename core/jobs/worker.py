@@ -121,6 +121,8 @@ def _serve(
     warmup: Settings | None,
 ) -> None:
     engine, animate = _load(engine_path, send)
+    if engine is not None:
+        prepare_engine(engine_path, warmup, send)
     if engine is not None and warmup is not None:
         started = time.monotonic()
         try:
@@ -149,6 +151,17 @@ def _load(engine_path: str, send: Send) -> tuple[StylizeFn | None, AnimateFn | N
     except Exception:
         send(Log(logging.ERROR, f"cannot load the engine {engine_path}:\n{traceback.format_exc()}"))
         return None, None
+
+
+def prepare_engine(engine_path: str, settings: Settings | None, send: Send) -> None:
+    """The engine's per-machine choices, once per worker before its first job (``prepare`` of
+    the engine's module, if it has one: core.engine's runs the speed probe on first use)."""
+    prepare = getattr(importlib.import_module(engine_path.partition(":")[0]), "prepare", None)
+    if callable(prepare):
+        try:
+            send(Log(logging.INFO, f"speed: {prepare(settings)}"))
+        except Exception:  # the first job makes the choice again and reports what fails
+            send(Log(logging.WARNING, f"speed choice failed:\n{traceback.format_exc()}"))
 
 
 def _warm_up(engine: StylizeFn, settings: Settings) -> None:
