@@ -204,11 +204,7 @@ def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: 
         min_steps=spec.get("min_steps", 0),
     )
     result = None
-    maybe_compiled = (
-        compiled_models(engine.default_engine())
-        if spec.get("compile")
-        else contextlib.nullcontext()
-    )
+    maybe_compiled = compiled_models(engine) if spec.get("compile") else contextlib.nullcontext()
     try:
         with maybe_compiled:
             result = engine.stylize(
