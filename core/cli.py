@@ -68,6 +68,8 @@ FIELD_HELP: dict[str, str] = {
     "winograd": "Winograd F(4x4,3x3) convolutions (unset: fp32 on CPU, where measured faster)",
     "fused_pooling": "fuse each ReLU with the max pool after it (unset: on for the CPU)",
     "preview_every": "with --preview: refresh it every N steps",
+    "max_memory": "peak memory of the run, e.g. 2GB or 800MB; scales that need more are painted "
+    "in overlapping tiles (auto: half of the free memory)",
 }
 _SKIP_FIELDS = {"extra"}
 _WEIGHT_SUFFIX = re.compile(r"^(?P<path>.+):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")

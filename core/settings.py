@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from core.byte_sizes import parse_bytes
 from core.errors import SettingsError
 
 Optimizer = Literal["lbfgs", "adam"]
@@ -123,6 +124,11 @@ class Settings:
     and time in the backward pass. None = on for the CPU (the only device it is made for)."""
     preview_every: int = 10
     """Send a small preview image with every Nth progress event (0 = never)."""
+    max_memory: str = "auto"
+    """Peak memory a run may use: an amount such as ``2GB`` or ``800MB`` (core/byte_sizes.py),
+    or ``auto``: what the process holds plus half of the memory available when the run starts
+    (RAM; GPU memory on CUDA). A scale the memory model (core/engine/memory_model.py, measured)
+    predicts to need more is painted in overlapping tiles; below it nothing changes."""
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Free-form notes carried into the output metadata (front end, preset name)."""
@@ -212,6 +218,22 @@ def _choice(s: Settings, name: str, options: tuple[str, ...]) -> None:
         raise SettingsError(f"{name} must be one of {', '.join(options)}; got {value!r}.")
 
 
+MIN_MEMORY = 256 * 2**20
+"""Below this no run fits: a Python process that has imported torch holds about 225 MB."""
+
+
+def _check_memory(value: object) -> None:
+    if value == "auto":
+        return
+    if not isinstance(value, str):
+        raise SettingsError(f"max_memory must be auto or an amount such as 2GB, got {value!r}.")
+    if parse_bytes(value, name="max_memory") < MIN_MEMORY:
+        raise SettingsError(
+            f"max_memory {value} is too small: a run needs at least 256 MiB (PyTorch alone "
+            "takes about 225 MB)."
+        )
+
+
 def _check(s: Settings) -> None:
     _int_in(s, "size", 16, 8192)
     _int_in(s, "iterations", 0, 100_000)
@@ -260,5 +282,6 @@ def _check(s: Settings) -> None:
         if getattr(s, name) is not None and not isinstance(getattr(s, name), bool):
             raise SettingsError(f"{name} must be true, false or unset.")
     _int_in(s, "preview_every", 0, 100_000)
+    _check_memory(s.max_memory)
     if not isinstance(s.extra, dict):
         raise SettingsError("extra must be a mapping.")

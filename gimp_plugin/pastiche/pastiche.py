@@ -24,7 +24,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pastiche_client as client  # noqa: E402
 
 PROC_NAME = "plug-in-pastiche"
-DIALOG_ARGS = ["style-file", "preset", "strength", "size", "quality", "preserve-colors"]
+RESOLUTION_LABELS = {  # client.RESOLUTIONS, as the dialog shows them
+    "auto": "Full resolution up to the helper's limit",
+    "full": "Full resolution",
+    "size": "Output size, scaled to the layer",
+}
+DIALOG_ARGS = [
+    "style-file", "preset", "strength", "resolution", "size", "quality", "preserve-colors"
+]  # fmt: skip
 
 
 def _fail(procedure, message: str):
@@ -104,10 +111,15 @@ def _paint(procedure, image, drawables, config):
         path, x, y, width, height = _export_region(image, drawable, folder)
         with open(path, "rb") as fh:
             content = fh.read()
-        settings = client.job_settings(
-            config.get_property("strength"),
+        size = client.paint_size(
+            config.get_property("resolution"),
             config.get_property("size"),
-            config.get_property("preserve-colors"),
+            width,
+            height,
+            helper.health().get("max_size"),
+        )
+        settings = client.job_settings(
+            config.get_property("strength"), size, config.get_property("preserve-colors")
         )
         png, label = client.run_job(
             helper,
@@ -123,23 +135,34 @@ def _paint(procedure, image, drawables, config):
         with open(result_path, "wb") as fh:
             fh.write(png)
         Gimp.progress_set_text("Pastiche: adding the new layer…")
-        image.undo_group_start()
-        try:
-            layer = Gimp.file_load_layer(
-                Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(result_path)
-            )
-            layer.set_name(f"Pastiche: {label}")
-            image.insert_layer(layer, drawable.get_parent(), image.get_item_position(drawable))
-            if (layer.get_width(), layer.get_height()) != (width, height):
-                layer.scale(width, height, False)
-            _, off_x, off_y = drawable.get_offsets()
-            layer.set_offsets(off_x + x, off_y + y)
-        finally:
-            image.undo_group_end()
+        _add_layer(image, drawable, result_path, f"Pastiche: {label}", (x, y, width, height))
         Gimp.progress_end()
         Gimp.displays_flush()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _add_layer(image, drawable, path: str, name: str, region) -> None:
+    """The painting as a new layer above ``drawable`` over ``region`` (x, y, width, height
+    relative to it), masked by the selection if there is one (feathering kept), in one undo
+    step."""
+    x, y, width, height = region
+    image.undo_group_start()
+    try:
+        layer = Gimp.file_load_layer(
+            Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(path)
+        )
+        layer.set_name(name)
+        image.insert_layer(layer, drawable.get_parent(), image.get_item_position(drawable))
+        if (layer.get_width(), layer.get_height()) != (width, height):
+            layer.scale(width, height, False)  # painted at the Output size: scaled to the region
+        _, off_x, off_y = drawable.get_offsets()
+        layer.set_offsets(off_x + x, off_y + y)
+        if not Gimp.Selection.is_empty(image):
+            # Only the selected part shows painted, as with GIMP's own filters.
+            layer.add_mask(layer.create_mask(Gimp.AddMaskType.SELECTION))
+    finally:
+        image.undo_group_end()
 
 
 def run(procedure, run_mode, image, drawables, config, data):
@@ -178,7 +201,8 @@ class Pastiche(Gimp.PlugIn):
         procedure.set_documentation(
             "Paint the layer in the style of a painting",
             "Neural style transfer (Gatys et al.) by the local Pastiche helper. The result is "
-            "added as a new layer above the active one, covering the selection's bounds.",
+            "added as a new layer above the active one, covering the selection's bounds and "
+            "masked by the selection.",
             name,
         )
         procedure.set_attribution("Pastiche contributors", "MIT licence", "2025")
@@ -207,10 +231,22 @@ class Pastiche(Gimp.PlugIn):
             0.5,
             rw,
         )
+        resolution = Gimp.Choice.new()
+        for i, (nick, label) in enumerate(RESOLUTION_LABELS.items()):
+            resolution.add(nick, i, label, "")
+        procedure.add_choice_argument(
+            "resolution",
+            "_Resolution",
+            "Paint at the layer's own size, or at the Output size and scale up",
+            resolution,
+            "auto",
+            rw,
+        )
         procedure.add_int_argument(
             "size",
             "Output si_ze",
-            "Long side in pixels the painting is computed at",
+            "Long side in pixels the painting is computed at when it is not painted at the "
+            "layer's own size (then scaled to the layer)",
             16,
             8192,
             512,
