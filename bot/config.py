@@ -16,7 +16,7 @@ Example (every key optional except a token from somewhere)::
     cooldown = 20                 # seconds between a user's submissions
     max_attachment_mb = 10        # largest upload accepted
     max_pixels = 50000000         # largest decoded upload (width x height)
-    max_size = 1024               # largest output long side a user may ask for
+    max_size = 2048               # largest output long side a user may ask for
     job_timeout = 900             # seconds before a running job is stopped
     status_interval = 3           # seconds between edits of a job's status message
 
@@ -27,6 +27,7 @@ Example (every key optional except a token from somewhere)::
     quality = "standard"          # draft | standard | high (iterations per scale)
     size = 512                    # default output long side
     preview_every = 10            # optimiser steps between previews (0 = none)
+    max_memory = "auto"           # peak memory of a job, e.g. "3GB"; larger scales use tiles
 """
 
 from __future__ import annotations
@@ -62,7 +63,9 @@ class Limits:
     cooldown: float = 20.0
     max_attachment_mb: float = 10.0
     max_pixels: int = MAX_PIXELS
-    max_size: int = 1024
+    max_size: int = 2048
+    """Memory does not bound it (scales over the budget are painted in tiles); time does:
+    2048 px at standard quality takes a few minutes on two CPU cores, within job_timeout."""
     job_timeout: float = 900.0
     status_interval: float = 3.0
 
@@ -79,6 +82,7 @@ class EngineConfig:
     quality: str = "standard"
     size: int = 512
     preview_every: int = 10
+    max_memory: str = "auto"
 
     def base_settings(self) -> Settings:
         """The Settings every bot job starts from (users may change strength, size, colours)."""
@@ -89,6 +93,7 @@ class EngineConfig:
             weights=self.weights,
             device=self.device,
             preview_every=self.preview_every,
+            max_memory=self.max_memory,
         )
 
 
