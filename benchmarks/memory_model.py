@@ -28,9 +28,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PREFIX = "MEMORY-POINT "
-VARIANTS = ("lbfgs/fp32", "lbfgs/bf16", "adam/fp32", "adam/bf16", "lbfgs/plain", "adam/plain")
+VARIANTS = (
+    "lbfgs/fp32", "lbfgs/bf16", "adam/fp32", "adam/bf16", "lbfgs/plain", "adam/plain",
+    "targets/fp32", "targets/bf16", "targets/plain",
+)  # fmt: skip
 """optimizer/precision kind; "plain" is fp32 without Winograd and fused pooling (the graph a GPU
-runs, and the CPU's with those levers off)."""
+runs, and the CPU's with those levers off); "targets" is no optimisation at all, only the
+forward passes without gradients that compute the targets, at the same size for content and
+style."""
 
 
 def _status_kib(field: str) -> int:
@@ -50,6 +55,8 @@ def settings_for(variant: str, size: int, iterations: int, **changes: Any) -> An
     from core.settings import Settings
 
     optimizer, kind = variant.split("/")
+    if optimizer == "targets":
+        optimizer, iterations = "lbfgs", 0
     levers: dict[str, Any] = {"precision": "bf16" if kind == "bf16" else "fp32"}
     if kind == "plain":
         levers.update(winograd=False, fused_pooling=False)
@@ -82,6 +89,8 @@ def point(spec: dict[str, Any]) -> dict[str, Any]:
     result = engine.stylize(content, [style], settings)
     peak = _status_kib("VmHWM")
     w, h = result.metadata["scales"][-1]
+    if spec["variant"].startswith("targets/"):  # the square style image is the larger forward
+        w, h = style.size
     return {
         **spec,
         "pixels": w * h,
@@ -93,6 +102,8 @@ def point(spec: dict[str, Any]) -> dict[str, Any]:
 
 def measure(variant: str, size: int, iterations: int = 12, style: int = 256) -> dict[str, Any]:
     """:func:`point` in a fresh Python process (so nothing else sets its peak)."""
+    if variant.startswith("targets/"):
+        style = size
     spec = {"variant": variant, "size": size, "iterations": iterations, "style": style}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)

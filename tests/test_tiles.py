@@ -29,6 +29,12 @@ def test_tiles_cover_the_image_within_the_budget(width, height, budget, overlap)
         assert grid.largest <= budget
         counts = _coverage(grid)
         assert min(min(row) for row in counts) >= 1, "a pixel no tile paints"
+        assert sum((r - x) * (b - y) for x, y, r, b in (t.core for t in grid.tiles)) == (
+            width * height
+        ), "the cores do not partition the image"
+        for t in grid.tiles:
+            x, y, r, b = t.core
+            assert t.x <= x < r <= t.x + t.width and t.y <= y < b <= t.y + t.height
         assert max(max(row) for row in counts) <= 4, "more than a corner's four tiles overlap"
         for t in grid.tiles:
             assert t.x >= 0 and t.y >= 0 and t.x + t.width <= width and t.y + t.height <= height
@@ -37,7 +43,7 @@ def test_tiles_cover_the_image_within_the_budget(width, height, budget, overlap)
 
 def test_a_scale_that_fits_is_one_tile() -> None:
     grid = tiles.plan_grid(200, 100, 20_000, 32)
-    assert grid.tiles == (tiles.Tile(0, 0, 200, 100, 0, 0),)
+    assert grid.tiles == (tiles.Tile(0, 0, 200, 100, 0, 0, (0, 0, 200, 100)),)
     assert grid.cuts_x == grid.cuts_y == ()
 
 

@@ -39,6 +39,8 @@ class Tile:
     height: int
     feather_left: int  # ramp width toward an already painted neighbour (0: none)
     feather_top: int
+    core: tuple[int, int, int, int] = (0, 0, 0, 0)  # (left, top, right, bottom): the tile
+    # less its overlaps; the cores of a grid partition the image
 
     @property
     def pixels(self) -> int:
@@ -92,15 +94,15 @@ def cuts_for(length: int, count: int, shift: float, align: int = 1) -> tuple[int
     return tuple(cuts)
 
 
-def spans(length: int, cuts: tuple[int, ...], half: int) -> list[tuple[int, int, int]]:
-    """(start, end, ramp) per core: each grown by ``half`` on its inner sides; the ramp is the
-    width shared with the previous tile (0 for the first)."""
+def spans(length: int, cuts: tuple[int, ...], half: int) -> list[tuple[int, int, int, int, int]]:
+    """(start, end, ramp, core start, core end) per core: each grown by ``half`` on its inner
+    sides; the ramp is the width shared with the previous tile (0 for the first)."""
     bounds = (0, *cuts, length)
-    out: list[tuple[int, int, int]] = []
+    out: list[tuple[int, int, int, int, int]] = []
     for i in range(len(bounds) - 1):
         start = max(0, bounds[i] - half) if i > 0 else 0
         end = min(length, bounds[i + 1] + half) if i < len(bounds) - 2 else length
-        out.append((start, end, out[-1][1] - start if out else 0))
+        out.append((start, end, out[-1][1] - start if out else 0, bounds[i], bounds[i + 1]))
     return out
 
 
@@ -136,9 +138,9 @@ def _counts(width: int, height: int, max_pixels: int, overlap: int, align: int) 
         return length if n == 1 else math.ceil(length / n) + align + overlap
 
     best: tuple[int, int, int] | None = None
-    for nx in range(1, max(1, width // max(1, 2 * overlap)) + 1):
+    for nx in range(1, max(1, width // max(1, overlap)) + 1):
         room = max_pixels // side(width, nx)
-        for ny in range(1, max(1, height // max(1, 2 * overlap)) + 1):
+        for ny in range(1, max(1, height // max(1, overlap)) + 1):
             if side(height, ny) <= room:
                 cost = (width + nx * overlap) * (height + ny * overlap)
                 if best is None or (cost, nx * ny) < (best[0], best[1] * best[2]):
@@ -166,15 +168,16 @@ def plan_grid(
     Raises ValueError when not even the smallest grid fits."""
     half = overlap // 2
     if width * height <= max_pixels:
-        return TileGrid(width, height, (Tile(0, 0, width, height, 0, 0),), (), (), 2 * half)
+        whole = Tile(0, 0, width, height, 0, 0, (0, 0, width, height))
+        return TileGrid(width, height, (whole,), (), (), 2 * half)
     nx, ny = _counts(width, height, max_pixels, 2 * half, align)
     prev_x, prev_y = previous.relative_cuts() if previous is not None else ((), ())
     cuts_x = _best_shift(width, nx, prev_x, 2 * half, align)
     cuts_y = _best_shift(height, ny, prev_y, 2 * half, align)
     tiles = tuple(
-        Tile(x0, y0, x1 - x0, y1 - y0, ramp_x, ramp_y)
-        for y0, y1, ramp_y in spans(height, cuts_y, half)
-        for x0, x1, ramp_x in spans(width, cuts_x, half)
+        Tile(x0, y0, x1 - x0, y1 - y0, ramp_x, ramp_y, (cx0, cy0, cx1, cy1))
+        for y0, y1, ramp_y, cy0, cy1 in spans(height, cuts_y, half)
+        for x0, x1, ramp_x, cx0, cx1 in spans(width, cuts_x, half)
     )
     return TileGrid(width, height, tiles, cuts_x, cuts_y, 2 * half)
 
