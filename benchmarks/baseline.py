@@ -29,7 +29,8 @@ from PIL import Image
 from torch import nn
 
 from core.engine import backbones, losses
-from core.engine.run import fit, layer_plan, resize, to_tensor
+from core.engine.model import layer_plan
+from core.engine.tensors import fit, resize, to_tensor
 from core.settings import Settings
 
 

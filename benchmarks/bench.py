@@ -301,7 +301,7 @@ class Bench:
         """The precision the engine does not pick by default on this CPU."""
         import torch
 
-        from core.engine.run import pick_precision
+        from core.engine.device import pick_precision
         from core.settings import Settings
 
         auto = pick_precision(Settings(device="cpu"), torch.device("cpu"))

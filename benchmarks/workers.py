@@ -148,15 +148,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _prebuild(settings: Any) -> tuple[float, float | None]:
     """Build (and cache) the engine's model through its normal path; returns seconds and RSS."""
-    from core.engine import run as engine
+    from core.engine.run import default_engine
 
     started = time.perf_counter()
-    plan = engine.layer_plan(settings)
-    device = engine.pick_device(settings.device)
-    channels_last = (
-        settings.channels_last if settings.channels_last is not None else device.type != "mps"
-    )
-    engine.load_model(settings, plan, device, channels_last)
+    default_engine().warm_up(settings)
     return time.perf_counter() - started, rss_now_mb()
 
 
@@ -262,7 +257,7 @@ def _cache(settings: Any, content: Any, style: Any, out: dict) -> dict:
     runs = []
     for label in ("first", "second", "second, style targets cleared"):
         if label.endswith("cleared"):
-            engine._TARGET_CACHE.clear()  # the only way to measure the cache on its own
+            engine.default_engine().targets.clear()
         started = time.perf_counter()
         result = engine.stylize(content, [style], settings)
         runs.append(

@@ -10,12 +10,13 @@ import torch
 from PIL import Image
 
 from core import Cancelled, ImageError, SettingsError, WeightsError, stylize
-from core.engine import backbones
-from core.engine import run as engine
+from core.engine import backbones, scale
 from core.engine.backbones import random_state_dict
 from core.engine.colour import rgb_to_ycbcr
 from core.engine.losses import gram, gram_key
-from core.engine.run import pyramid, to_tensor
+from core.engine.model import Forward
+from core.engine.run import Engine, pyramid
+from core.engine.tensors import to_tensor
 from core.settings import Settings
 from tests.conftest import image_bytes, make_image
 
@@ -279,9 +280,9 @@ def test_lbfgs_scale_ends_on_its_best_image_after_going_uphill(
     def overshooting(s, image):
         return torch.optim.LBFGS([image], lr=50.0, max_iter=1, history_size=10), None
 
-    monkeypatch.setattr(engine, "_optimizer", overshooting)
+    monkeypatch.setattr(scale, "make_optimizer", overshooting)
     seen: list[float] = []
-    r = engine.stylize(
+    r = stylize(
         make_image(64, 48),
         [make_image(64, 48, seed=3)],
         tiny_settings(pyramid=False, iterations=6, initial_iterations=6),
@@ -297,7 +298,7 @@ def test_grams_are_taken_during_the_forward_pass_and_differentiated_just_in_time
     """The shallow Gram's backward must wait until the backward pass reaches its layer (it
     would otherwise hold a full-resolution gradient through the whole pass)."""
     model = backbones.build("vgg19", None, ["relu1_1", "relu2_1"])
-    fwd = engine.Forward(model, torch.device("cpu"), dtype, channels_last=True)
+    fwd = Forward(model, torch.device("cpu"), dtype, channels_last=True)
     x = torch.rand(1, 3, 16, 16, requires_grad=True)
     feats = fwd(x, grams=["relu1_1", "relu2_1"])
     for name in ("relu1_1", "relu2_1"):
@@ -315,21 +316,20 @@ def test_bf16_runs_keep_the_weights_in_bf16_with_the_same_result(tiny_settings) 
     """Rounding the frozen weights to bf16 once gives what autocast's per-pass rounding gave."""
     s = tiny_settings(precision="bf16", iterations=3, pyramid=False)
     content, style = make_image(), make_image(seed=3)
-    engine._MODEL_CACHE.clear()
-    engine._TARGET_CACHE.clear()
-    once = stylize(content, [style], s).image.tobytes()
-    (model,) = engine._MODEL_CACHE.values()
+    eng = Engine()
+    once = eng.stylize(content, [style], s).image.tobytes()
+    (model,) = eng.models.values()
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert convs and all(m.weight.dtype == torch.bfloat16 for m in convs)
     buffers = list(model.buffers())  # the input normalisation
     assert buffers and all(b.dtype == torch.float32 for b in buffers)
     for m in convs:
         m.float()  # back to float32 weights: autocast rounds them on every pass again
-    engine._TARGET_CACHE.clear()
-    assert stylize(content, [style], s).image.tobytes() == once
-    engine._MODEL_CACHE.clear()
-    stylize(content, [style], s.replace(precision="fp32"))
-    (model,) = engine._MODEL_CACHE.values()
+    eng.targets.clear()
+    assert eng.stylize(content, [style], s).image.tobytes() == once
+    eng.clear()
+    eng.stylize(content, [style], s.replace(precision="fp32"))
+    (model,) = eng.models.values()
     assert all(
         m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, torch.nn.Conv2d)
     )

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from core.engine import backbones
-from core.engine import run as engine
+from core.engine import device as engine_device
 from core.engine.cpu import fusion
 from core.settings import Settings
 from tests.conftest import losses_off_and_on
@@ -108,5 +108,5 @@ def test_engine_uses_it_on_the_cpu_with_the_same_objective(
     assert calls["n"] > 0
     for term, value in results[False].items():
         assert results[True][term] == pytest.approx(value, rel=1e-5)
-    assert engine.pick_fused_pooling(Settings(), torch.device("cpu"))
-    assert not engine.pick_fused_pooling(Settings(), torch.device("meta"))
+    assert engine_device.pick_fused_pooling(Settings(), torch.device("cpu"))
+    assert not engine_device.pick_fused_pooling(Settings(), torch.device("meta"))

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from core import stylize
-from core.engine import run as engine
+from core.engine import scale
 from core.engine.cpu.lbfgs import LBFGS
 from tests.conftest import make_image
 
@@ -97,5 +97,5 @@ def test_the_engine_gives_what_torch_lbfgs_gives(tiny_settings, monkeypatch) -> 
             [image], lr=1, max_iter=1, history_size=settings.lbfgs_history
         ), None
 
-    monkeypatch.setattr(engine, "_optimizer", torch_lbfgs)
+    monkeypatch.setattr(scale, "make_optimizer", torch_lbfgs)
     assert stylize(make_image(), [make_image(seed=3)], s).image.tobytes() == ours

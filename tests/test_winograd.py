@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from core.engine import backbones
-from core.engine import run as engine
+from core.engine import device as engine_device
 from core.engine.cpu import winograd
 from core.settings import Settings
 from tests.conftest import losses_off_and_on
@@ -140,10 +140,10 @@ def test_engine_objective_is_the_same_with_and_without_winograd(
 
 def test_winograd_is_picked_for_fp32_on_cpu_only() -> None:
     cpu = torch.device("cpu")
-    assert engine.pick_winograd(Settings(precision="fp32"), cpu)
-    assert not engine.pick_winograd(Settings(precision="bf16"), cpu)
-    assert not engine.pick_winograd(Settings(winograd=False), cpu)
-    assert not engine.pick_winograd(Settings(precision="fp32"), torch.device("meta"))
+    assert engine_device.pick_winograd(Settings(precision="fp32"), cpu)
+    assert not engine_device.pick_winograd(Settings(precision="bf16"), cpu)
+    assert not engine_device.pick_winograd(Settings(winograd=False), cpu)
+    assert not engine_device.pick_winograd(Settings(precision="fp32"), torch.device("meta"))
 
 
 def test_winograd_setting_is_validated() -> None:

@@ -5,6 +5,6 @@ CPU speed work in ``core.engine.cpu``) is the engine's own business. Front ends 
 the job runner's worker processes or, in the CLI, directly.
 """
 
-from core.engine.run import stylize
+from core.engine.run import Engine, stylize
 
-__all__ = ["stylize"]
+__all__ = ["Engine", "stylize"]

@@ -64,3 +64,37 @@ def match_colour_stats(style: torch.Tensor, content: torch.Tensor) -> torch.Tens
     a = _sqrtm(c_cov) @ _sqrtm(s_cov, inverse=True)
     out = a @ (s - s_mean) + c_mean
     return out.reshape(style.shape).to(style.dtype).clamp(0, 1)
+
+
+class Preservation:
+    """One run's colour preservation (``preserve_colors``): ``stats`` recolours the style
+    images toward the photo; ``luminance`` optimises luminance only (style targets matched to
+    the photo's luminance) and puts the photo's chroma back on the output and previews."""
+
+    def __init__(self, mode: str, photo: torch.Tensor) -> None:
+        self.mode, self.photo = mode, photo
+        self.photo_y = luminance(photo) if mode == "luminance" else None
+
+    @property
+    def chroma_source(self) -> torch.Tensor | None:
+        """The photo whose chroma the output takes (luminance mode), else None."""
+        return self.photo if self.photo_y is not None else None
+
+    def style_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """A style image's tensor as the optimisation compares it (stats mode recolours the
+        style images earlier, on the images themselves: see ``recolour``)."""
+        if self.photo_y is None:
+            return t
+        return match_luminance(luminance(t), self.photo_y)
+
+    def content_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The content (and start) image as optimised: its luminance in luminance mode."""
+        return luminance(t) if self.photo_y is not None else t
+
+    def recolour(self, style: torch.Tensor) -> torch.Tensor:
+        """A style image's tensor with the photo's colour statistics (stats mode)."""
+        return match_colour_stats(style, self.photo)
+
+    def finish(self, image: torch.Tensor) -> torch.Tensor:
+        """The optimised image as the output's colours: the photo's chroma in luminance mode."""
+        return with_chroma_of(image, self.photo) if self.photo_y is not None else image.clamp(0, 1)

@@ -1,148 +1,88 @@
-"""The optimisation: pyramid, optimiser, precision, progress, cancellation.
+"""The run: plan the scales, load the inputs, optimise one scale at a time, assemble the output.
 
 ``stylize`` is the one entry point every front end uses (directly in the CLI, inside the
-runner's worker processes for the bot and the GIMP helper). Loaded backbones and style targets
-are cached per process, so a warm worker pays for neither twice.
+runner's worker processes for the bot and the GIMP helper). It runs on a default ``Engine`` per
+process, which caches loaded backbones and style targets, so a warm worker pays for neither
+twice.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
-import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from core import images
 from core.engine import backbones, colour
-from core.engine.cpu import fusion, memory, winograd
-from core.engine.cpu.lbfgs import LBFGS
-from core.engine.losses import (
-    ContentLoss,
-    LayerApply,
-    Scale,
-    StyleLoss,
-    SumLoss,
-    TVLoss,
-    gram,
-    gram_key,
+from core.engine.cpu import memory
+from core.engine.device import (
+    pick_channels_last,
+    pick_device,
+    pick_fused_pooling,
+    pick_precision,
+    pick_winograd,
 )
-from core.errors import Cancelled, ImageError, SettingsError
+from core.engine.inputs import Inputs, load_inputs, split_styles
+from core.engine.losses import SumLoss, gram
+from core.engine.model import (
+    BuildOptions,
+    Forward,
+    LayerPlan,
+    build_model,
+    layer_plan,
+    weight_file,
+)
+from core.engine.scale import (
+    Grams,
+    ProgressClock,
+    ScalePlan,
+    build_objective,
+    optimise_scale,
+    start_image,
+    style_size,
+)
+from core.engine.tensors import digest, fit, resize, to_image, to_tensor
+from core.errors import ImageError
 from core.settings import Settings
 from core.types import ImageInput, Progress, Result, StyleInput
 
-log = logging.getLogger(__name__)
+K = TypeVar("K")
+V = TypeVar("V")
 
 
-PREVIEW_SIDE = 256
-_MODEL_CACHE: OrderedDict[tuple, backbones.FeatureExtractor] = OrderedDict()
-_MODEL_CACHE_SIZE = 2
-_TARGET_CACHE: OrderedDict[tuple, dict[str, torch.Tensor]] = OrderedDict()
-_TARGET_CACHE_SIZE = 32
+class LRU(Generic[K, V]):
+    """A small least-recently-used map."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get(self, key: K) -> V | None:
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+        return hit
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        while len(self._items) > self.size:
+            self._items.popitem(last=False)
+
+    def values(self) -> list[V]:
+        return list(self._items.values())
+
+    def clear(self) -> None:
+        self._items.clear()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
-# ---- devices and precision ------------------------------------------------------------------
-def pick_device(name: str) -> torch.device:
-    """``auto``: CUDA, then Apple MPS, then CPU."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise SettingsError(
-            f"Unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps."
-        ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SettingsError(
-            "CUDA was asked for, but this PyTorch build or machine has no CUDA GPU."
-        )
-    return device
-
-
-def cpu_has_amx() -> bool:
-    """Only AMX tiles make bf16 convolutions pay off on CPUs: on an AVX512-BF16 Xeon without
-    AMX, bf16 autocast was 1.5x slower than fp32 at 512 px (benchmarks/bench.py)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = fh.read(1 << 16)
-    except OSError:
-        return False
-    return "amx_bf16" in flags
-
-
-def pick_precision(settings: Settings, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for the backbone, or None for fp32 (see benchmarks/ for the numbers)."""
-    if settings.precision == "fp32":
-        return None
-    if settings.precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_amx() else None
-    return None
-
-
-def pick_winograd(settings: Settings, device: torch.device) -> bool:
-    """Winograd convolutions where they measured faster: fp32 on CPU (core/winograd.py).
-
-    CUDA's cuDNN picks its own algorithms (Winograd among them); MPS has its own kernels."""
-    if settings.winograd is not None:
-        return settings.winograd
-    return device.type == "cpu" and pick_precision(settings, device) is None
-
-
-def pick_fused_pooling(settings: Settings, device: torch.device) -> bool:
-    """ReLU + max pool fused (core/fusion.py) on the CPU only: it was measured there (less
-    memory at about the same speed); on a GPU its Python-level backward (four strided kernels
-    instead of one) was never timed, so cuDNN's own pooling stays."""
-    if settings.fused_pooling is not None:
-        return settings.fused_pooling
-    return device.type == "cpu"
-
-
-# ---- image <-> tensor -----------------------------------------------------------------------
-def to_tensor(img: Image.Image, device: torch.device) -> torch.Tensor:
-    """8-bit RGB PIL image to a (1, 3, H, W) float tensor in [0, 1]."""
-    data = torch.frombuffer(bytearray(img.convert("RGB").tobytes()), dtype=torch.uint8)
-    t = data.view(img.height, img.width, 3).permute(2, 0, 1).unsqueeze(0)
-    return t.to(device=device, dtype=torch.float32).div_(255)
-
-
-def to_image(t: torch.Tensor) -> Image.Image:
-    """(1, 3, H, W) tensor in [0, 1] to an 8-bit RGB PIL image."""
-    arr = t.detach()[0].float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    arr = arr.permute(1, 2, 0).contiguous().cpu()
-    return Image.frombuffer("RGB", (arr.shape[1], arr.shape[0]), arr.numpy().tobytes())
-
-
-def fit(size: tuple[int, int], long_side: int) -> tuple[int, int]:
-    """(w, h) scaled so the long side is ``long_side`` (up or down), aspect kept."""
-    w, h = size
-    if w >= h:
-        return long_side, max(1, round(h * long_side / w))
-    return max(1, round(w * long_side / h)), long_side
-
-
-def resize(img: Image.Image, size: tuple[int, int]) -> Image.Image:
-    return img if img.size == size else img.resize(size, Image.Resampling.LANCZOS)
-
-
+# ---- planning -------------------------------------------------------------------------------
 def pyramid(min_size: int, size: int, enabled: bool) -> list[int]:
     """Long sides from ``min_size`` up to ``size``, each sqrt(2) larger [crowsonkb]."""
     if not enabled or min_size >= size:
@@ -157,190 +97,273 @@ def pyramid(min_size: int, size: int, enabled: bool) -> list[int]:
     return sorted(scales)
 
 
-# ---- models and targets ---------------------------------------------------------------------
-@dataclass(frozen=True)
-class LayerPlan:
-    arch: backbones.Architecture
-    content: tuple[str, ...]
-    style: tuple[str, ...]
-    style_weights: tuple[float, ...]
-
-
-def layer_plan(settings: Settings) -> LayerPlan:
-    arch_name = "squeezenet" if settings.backbone == "squeezenet" else "vgg19"
-    arch = backbones.ARCHITECTURES[arch_name][0]
-    content = settings.content_layers or arch.content_layers
-    style = settings.style_layers or arch.style_layers
-    if settings.style_layer_weights is not None:
-        weights = settings.style_layer_weights
-    elif settings.style_layers is None:
-        weights = arch.style_weights
-    else:
-        weights = tuple(1.0 for _ in style)
-    if len(weights) != len(style):
-        raise SettingsError("style_layer_weights needs one weight per style layer.")
-    if settings.style_depth is not None:
-        style, weights = style[: settings.style_depth], weights[: settings.style_depth]
-    unknown = [n for n in (*content, *style) if n not in arch.names]
-    if unknown:
-        raise SettingsError(
-            f"{arch.name} has no layer(s) {', '.join(unknown)}; it has {', '.join(arch.names)}."
+def plan_scales(s: Settings, photo_size: tuple[int, int], min_side: int) -> list[ScalePlan]:
+    """The pyramid's sizes and step budgets. Scales whose short side cannot reach the deepest
+    layer are skipped; the first scale gets ``first_iterations`` when there are several."""
+    out_w, out_h = fit(photo_size, s.size)
+    if min(out_w, out_h) < min_side:
+        raise ImageError(
+            f"The content image is too thin for a {s.size} px output: its short side would be "
+            f"{min(out_w, out_h)} px, and at least {min_side} px are needed. Use a larger size."
         )
-    total = sum(weights)
-    return LayerPlan(arch, tuple(content), tuple(style), tuple(w / total for w in weights))
-
-
-def load_model(settings: Settings, plan: LayerPlan, device: torch.device, channels_last: bool):
-    """The frozen extractor for these settings, built once per process (LRU of two)."""
-    if settings.backbone == "random":
-        path, normalization, source = None, "imagenet", "random"
+    sizes = [fit(photo_size, side) for side in pyramid(s.min_size, s.size, s.pyramid)]
+    sizes = [wh for wh in sizes if min(wh) >= min_side] or [(out_w, out_h)]
+    if len(sizes) == 1:
+        iters = [s.iterations if s.initial_iterations is None else s.initial_iterations]
     else:
-        from core.engine import weights as weight_sources
-
-        src = weight_sources.SOURCES[settings.backbone]
-        path = weight_sources.resolve(settings.backbone, settings.weights)
-        normalization, source = src.normalization, str(path)
-    layers = tuple(dict.fromkeys((*plan.content, *plan.style)))
-    mtime = os.path.getmtime(path) if path else 0.0
-    use_winograd = pick_winograd(settings, device)
-    use_fusion = pick_fused_pooling(settings, device)
-    dtype = pick_precision(settings, device)
-    key = (
-        settings.backbone, source, mtime, normalization, str(device), layers, channels_last,
-        use_winograd, use_fusion, dtype,
-    )  # fmt: skip
-    model = _MODEL_CACHE.get(key)
-    if model is None:
-        state = None
-        if path is not None:
-            from core.engine import weights as weight_sources
-
-            state = weight_sources.load_state_dict(path)
-        else:
-            log.warning("Using RANDOM backbone weights: output will not look like a painting.")
-        model = backbones.build(plan.arch.name, state, layers, normalization=normalization)
-        model = model.to(device)
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        if use_winograd:
-            winograd.convert(model.features)
-        if use_fusion:
-            fusion.fuse_relu_pool(model.features, keep=set(model.index.values()))
-        if dtype is not None:
-            store_weights_in(model, dtype)
-        _MODEL_CACHE[key] = model
-        while len(_MODEL_CACHE) > _MODEL_CACHE_SIZE:
-            _MODEL_CACHE.popitem(last=False)
-    else:
-        _MODEL_CACHE.move_to_end(key)
-    return model, source
+        iters = [s.first_iterations] + [s.iterations] * (len(sizes) - 1)
+    return [ScalePlan(wh, n) for wh, n in zip(sizes, iters, strict=True)]
 
 
-def store_weights_in(model: nn.Module, dtype: torch.dtype) -> None:
-    """Keep the convolutions' weights in the autocast dtype: autocast rounds frozen weights
-    anew on every forward pass (it caches only leaves that require grad) and autograd keeps
-    those copies until the backward pass; rounding once gives the same values without them
-    (~25 MB per pass for VGG19 up to conv5_1). Buffers (the input normalisation) stay float32."""
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            module.to(dtype)
+# ---- the engine -----------------------------------------------------------------------------
+class Engine:
+    """Paints images, keeping what is worth keeping between runs of one process: the built
+    backbones (``models``, LRU of two) and the style images' Gram targets (``targets``, LRU of
+    32, so a preset used again is free)."""
+
+    def __init__(self, model_cache_size: int = 2, target_cache_size: int = 32) -> None:
+        self.models: LRU[tuple, backbones.FeatureExtractor] = LRU(model_cache_size)
+        self.targets: LRU[tuple, Grams] = LRU(target_cache_size)
+
+    def clear(self) -> None:
+        """Forget every cached backbone and style target."""
+        self.models.clear()
+        self.targets.clear()
+
+    def stylize(
+        self,
+        content: ImageInput,
+        styles: Sequence[StyleInput],
+        settings: Settings | None = None,
+        *,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> Result:
+        """Paint ``content`` in the style of ``styles`` (each an image or (image, blend
+        weight)).
+
+        Raises ImageError / SettingsError / WeightsError for user errors and Cancelled when
+        ``should_stop()`` returns True (checked once per optimiser step).
+        """
+        memory.keep_freed_memory()  # no page faults from step to step (cpu/memory.py)
+        try:
+            run = _Run(self, content, styles, settings or Settings(), on_progress, should_stop)
+            return run.result()
+        finally:
+            memory.release()
+
+    def warm_up(self, settings: Settings) -> None:
+        """Build (and cache) the backbone ``settings`` use, ahead of the first run."""
+        plan = layer_plan(settings)
+        device = pick_device(settings.device)
+        self.load_model(settings, plan, device, pick_channels_last(settings, device))
+
+    def load_model(
+        self, settings: Settings, plan: LayerPlan, device: torch.device, channels_last: bool
+    ) -> tuple[backbones.FeatureExtractor, str]:
+        """The frozen extractor for these settings, built once per engine; and its source."""
+        wf = weight_file(settings)
+        opts = BuildOptions(
+            device,
+            channels_last,
+            pick_winograd(settings, device),
+            pick_fused_pooling(settings, device),
+            pick_precision(settings, device),
+        )
+        mtime = os.path.getmtime(wf.path) if wf.path else 0.0
+        key = (
+            settings.backbone, wf.source, mtime, wf.normalization, str(device), plan.layers,
+            channels_last, opts.winograd, opts.fused_pooling, opts.dtype,
+        )  # fmt: skip
+        model = self.models.get(key)
+        if model is None:
+            model = build_model(plan, wf.load(), wf.normalization, opts)
+            self.models.put(key, model)
+        return model, wf.source
+
+    def style_grams(
+        self,
+        fwd: Forward,
+        key: tuple,
+        img: Image.Image,
+        size: tuple[int, int],
+        layers: tuple[str, ...],
+        prep: Callable[[torch.Tensor], torch.Tensor],
+    ) -> tuple[Grams, bool]:
+        """Gram targets of one style image at one size, and whether they came from the cache."""
+        full_key = (*key, digest(img), size, layers)
+        hit = self.targets.get(full_key)
+        if hit is not None:
+            return hit, True
+        with torch.no_grad():
+            t = prep(to_tensor(resize(img, size), fwd.device))
+            feats = fwd(t, layers)
+            grams = {n: gram(feats[n]) for n in layers}
+        self.targets.put(full_key, grams)
+        return grams, False
 
 
-def _digest(img: Image.Image) -> str:
-    h = hashlib.blake2b(img.tobytes(), digest_size=16)
-    h.update(repr((img.size, img.mode)).encode())
-    return h.hexdigest()
-
-
-class Forward:
-    """Runs the backbone with the chosen precision and memory layout."""
+class _Run:
+    """One call of ``Engine.stylize``: its inputs, model and scales, prepared in the order the
+    errors should surface (style weights, layers, images, weights, sizes)."""
 
     def __init__(
-        self, model: nn.Module, device: torch.device, dtype: torch.dtype | None, channels_last: bool
+        self,
+        engine: Engine,
+        content: ImageInput,
+        styles: Sequence[StyleInput],
+        s: Settings,
+        on_progress: Callable[[Progress], None] | None,
+        should_stop: Callable[[], bool] | None,
     ) -> None:
-        self.model, self.device, self.dtype, self.channels_last = (
-            model,
-            device,
-            dtype,
-            channels_last,
+        self.engine, self.s, self.should_stop = engine, s, should_stop
+        self.started = time.perf_counter()
+        style_items = split_styles(styles)
+        self.plan = layer_plan(s)
+        self.inputs: Inputs = load_inputs(content, style_items, s)
+        self.device = pick_device(s.device)
+        self.dtype = pick_precision(s, self.device)
+        self.channels_last = pick_channels_last(s, self.device)
+        model, self.source = engine.load_model(s, self.plan, self.device, self.channels_last)
+        self.fwd = Forward(model, self.device, self.dtype, self.channels_last)
+        torch.manual_seed(s.seed)
+        self.gen = torch.Generator().manual_seed(s.seed)
+        self.scales = plan_scales(s, self.inputs.photo.size, self.plan.arch.min_side)
+        self.colours = colour.Preservation(
+            s.preserve_colors, to_tensor(self.inputs.photo, self.device)
+        )
+        self.styles = self._styles()
+        self.blend_total = sum(w for _, w in self.styles)
+        self.clock = ProgressClock(
+            self.scales, self.started, s.preview_every, on_progress, self.colours.chroma_source
+        )
+        self.cache_hits = 0
+
+    def _styles(self) -> list[tuple[Image.Image, float]]:
+        """The style images as their targets are taken (recoloured in stats mode)."""
+        if self.s.preserve_colors != "stats":
+            return self.inputs.styles
+        return [
+            (to_image(self.colours.recolour(to_tensor(img, self.device))), w)
+            for img, w in self.inputs.styles
+        ]
+
+    def _target_key(self) -> tuple:
+        """What style targets depend on besides the style image, its size and the layers."""
+        s = self.s
+        return (
+            s.backbone, self.source, str(self.device), str(self.dtype), self.channels_last,
+            s.preserve_colors, digest(self.inputs.photo) if s.preserve_colors != "none" else "",
+        )  # fmt: skip
+
+    def _style_targets(self, size: tuple[int, int]) -> Iterator[tuple[Grams, float]]:
+        """Each style image's Gram targets at this scale, with its share of the blend."""
+        key = self._target_key()
+        for img, blend in self.styles:
+            ssize = style_size(img.size, size, self.s, self.plan.arch.min_side)
+            grams, hit = self.engine.style_grams(
+                self.fwd, key, img, ssize, self.plan.style, self.colours.style_tensor
+            )
+            self.cache_hits += hit
+            yield grams, blend / self.blend_total
+
+    def _objective(self, size: tuple[int, int]) -> SumLoss:
+        content_t = self.colours.content_tensor(
+            to_tensor(resize(self.inputs.photo, size), self.device)
+        )
+        return build_objective(self.s, self.plan, self.fwd, content_t, self._style_targets(size))
+
+    def _first_image(self, size: tuple[int, int]) -> torch.Tensor:
+        """The first scale's start: the photo, seeded noise or the given image."""
+        if self.s.init == "content":
+            return to_tensor(resize(self.inputs.photo, size), self.device)
+        if self.s.init == "noise":
+            w, h = size
+            return torch.rand((1, 3, h, w), generator=self.gen).to(self.device)
+        assert self.inputs.init is not None
+        return to_tensor(resize(self.inputs.init, size), self.device)
+
+    def result(self) -> Result:
+        image: torch.Tensor | None = None
+        losses: dict[str, float] = {}
+        steps: list[int] = []
+        restored: list[int] = []  # scales whose best evaluated image replaced a worse last one
+        for index, scale in enumerate(self.scales):
+            memory.release()
+            objective = self._objective(scale.size)
+            image = start_image(
+                self.s,
+                scale.size,
+                image,
+                lambda size=scale.size: self._first_image(size),
+                self.colours.content_tensor,
+            )
+            # Trimmed here, after the targets: the steps then reuse their own freed blocks, and
+            # the peak stays near what is live (one trim per scale, before its first step).
+            memory.release()
+            done = optimise_scale(
+                self.s, self.fwd, self.plan, objective, image, index, self.clock, self.should_stop
+            )
+            image, losses = done.image, (done.losses if done.steps else losses)
+            steps.append(done.steps)
+            if done.restored_best:
+                restored.append(index + 1)
+            del objective, done  # this scale's state, before the next scale
+        assert image is not None
+        return Result(
+            image=self._output_image(image),
+            settings=self.s,
+            metadata=self._metadata(steps, restored, losses),
         )
 
-    def __call__(
-        self, x: torch.Tensor, layers: Sequence[str] | None = None, grams: Collection[str] = ()
-    ) -> dict[str, torch.Tensor]:
-        """Activations by layer name, plus the Gram matrix of each layer in ``grams`` under
-        ``gram_key(layer)``. Each Gram is taken as soon as its layer exists, so autograd (which
-        runs the most recently created nodes first) computes its gradient only when the backward
-        pass reaches that layer, instead of holding every style layer's gradient through the
-        whole backward pass (about 70 MB at 512 px)."""
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        taken: dict[str, torch.Tensor] = {}
+    def _output_image(self, image: torch.Tensor) -> Image.Image:
+        """The optimised tensor as the output: colours finished, at the requested size, with
+        the content's alpha put back."""
+        out = to_image(self.colours.finish(image))
+        size = fit(self.inputs.photo.size, self.s.size)
+        if out.size != size:
+            out = out.resize(size, Image.Resampling.LANCZOS)
+        if self.inputs.alpha is not None:
+            out = out.convert("RGBA")
+            out.putalpha(resize(self.inputs.alpha, out.size))
+        return out
 
-        def take_gram(name: str, h: torch.Tensor) -> None:
-            if name in grams:
-                with torch.autocast(self.device.type, enabled=False):  # Grams stay float32
-                    taken[gram_key(name)] = gram(h)
-
-        if self.dtype is None:
-            feats = self.model(x, layers, take_gram if grams else None)
-        else:
-            with torch.autocast(self.device.type, dtype=self.dtype):
-                feats = self.model(x, layers, take_gram if grams else None)
-        feats.update(taken)
-        return feats
-
-
-def style_grams(
-    fwd: Forward,
-    key: tuple,
-    img: Image.Image,
-    size: tuple[int, int],
-    layers: tuple[str, ...],
-    prep: Callable[[torch.Tensor], torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], bool]:
-    """Gram targets of one style image at one size (cached: a preset used again is free)."""
-    full_key = (*key, _digest(img), size, layers)
-    hit = _TARGET_CACHE.get(full_key)
-    if hit is not None:
-        _TARGET_CACHE.move_to_end(full_key)
-        return hit, True
-    with torch.no_grad():
-        t = prep(to_tensor(resize(img, size), fwd.device))
-        feats = fwd(t, layers)
-        grams = {n: gram(feats[n]) for n in layers}
-    _TARGET_CACHE[full_key] = grams
-    while len(_TARGET_CACHE) > _TARGET_CACHE_SIZE:
-        _TARGET_CACHE.popitem(last=False)
-    return grams, False
+    def _metadata(
+        self, steps: list[int], restored: list[int], losses: dict[str, float]
+    ) -> dict[str, Any]:
+        s, device = self.s, self.device
+        metadata: dict[str, Any] = {
+            "software": "pastiche",
+            "settings": s.to_dict(),
+            "backbone": s.backbone,
+            "weights": self.source,
+            "random_weights": s.backbone == "random",
+            "device": str(device),
+            "precision": "fp32" if self.dtype is None else str(self.dtype).replace("torch.", ""),
+            "channels_last": self.channels_last,
+            "winograd": pick_winograd(s, device),
+            "fused_pooling": pick_fused_pooling(s, device),
+            "scales": [list(p.size) for p in self.scales],
+            "steps": steps,
+            "restored_best": restored,
+            "losses": losses,
+            "style_cache_hits": self.cache_hits,
+            "seconds": round(time.perf_counter() - self.started, 3),
+        }
+        if s.extra:
+            metadata["extra"] = s.extra
+        return metadata
 
 
-# ---- the optimisation -----------------------------------------------------------------------
-def _split_styles(styles: Sequence[StyleInput]) -> list[tuple[ImageInput, float]]:
-    if isinstance(styles, (str, bytes, Path, Image.Image)):
-        styles = [styles]
-    out: list[tuple[ImageInput, float]] = []
-    for item in styles:
-        if isinstance(item, tuple):
-            src, weight = item
-        else:
-            src, weight = item, 1.0
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not (math.isfinite(weight) and weight > 0)
-        ):
-            raise SettingsError(f"Style blend weights must be positive numbers, got {weight!r}.")
-        out.append((src, float(weight)))
-    if not out:
-        raise SettingsError("Give at least one style image.")
-    return out
+_default: Engine | None = None
 
 
-def _split_alpha(img: Image.Image) -> tuple[Image.Image, Image.Image | None]:
-    if img.mode == "RGBA":
-        return img.convert("RGB"), img.getchannel("A")
-    return img.convert("RGB"), None
+def default_engine() -> Engine:
+    """This process's engine (workers keep it warm between jobs)."""
+    global _default
+    if _default is None:
+        _default = Engine()
+    return _default
 
 
 def stylize(
@@ -351,281 +374,7 @@ def stylize(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> Result:
-    """Paint ``content`` in the style of ``styles`` (each an image or (image, blend weight)).
-
-    Raises ImageError / SettingsError / WeightsError for user errors and Cancelled when
-    ``should_stop()`` returns True (checked once per optimiser step).
-    """
-    memory.keep_freed_memory()  # no page faults from step to step (core/memory.py)
-    try:
-        return _stylize(content, styles, settings, on_progress, should_stop)
-    finally:
-        memory.release()
-
-
-def _stylize(
-    content: ImageInput,
-    styles: Sequence[StyleInput],
-    settings: Settings | None,
-    on_progress: Callable[[Progress], None] | None,
-    should_stop: Callable[[], bool] | None,
-) -> Result:
-    s = settings or Settings()
-    started = time.perf_counter()
-    style_items = _split_styles(styles)
-    plan = layer_plan(s)
-    photo, alpha = _split_alpha(images.load_image(content, name="content image"))
-    style_imgs = [
-        (_split_alpha(images.load_image(src, name=f"style image {i}"))[0], w)
-        for i, (src, w) in enumerate(style_items, 1)
-    ]
-    init_img = None
-    if s.init == "image":
-        init_img = _split_alpha(images.load_image(s.init_image, name="init image"))[0]
-
-    device = pick_device(s.device)
-    dtype = pick_precision(s, device)
-    channels_last = s.channels_last if s.channels_last is not None else device.type != "mps"
-    model, source = load_model(s, plan, device, channels_last)
-    fwd = Forward(model, device, dtype, channels_last)
-    torch.manual_seed(s.seed)
-    gen = torch.Generator().manual_seed(s.seed)
-
-    # Scales whose short side cannot reach the deepest layer are skipped.
-    out_w, out_h = fit(photo.size, s.size)
-    min_side = plan.arch.min_side
-    if min(out_w, out_h) < min_side:
-        raise ImageError(
-            f"The content image is too thin for a {s.size} px output: its short side would be "
-            f"{min(out_w, out_h)} px, and at least {min_side} px are needed. Use a larger size."
-        )
-    sizes = [fit(photo.size, side) for side in pyramid(s.min_size, s.size, s.pyramid)]
-    sizes = [wh for wh in sizes if min(wh) >= min_side] or [(out_w, out_h)]
-    if len(sizes) == 1:
-        plan_iters = [s.iterations if s.initial_iterations is None else s.initial_iterations]
-    else:
-        plan_iters = [s.first_iterations] + [s.iterations] * (len(sizes) - 1)
-    total_steps = sum(plan_iters)
-    pixel_steps = [n * w * h for n, (w, h) in zip(plan_iters, sizes, strict=True)]
-
-    # Colour preservation works on the inputs (and, for luminance, on the output).
-    photo_t_full = to_tensor(photo, device)
-    if s.preserve_colors == "stats":
-        style_imgs = [
-            (to_image(colour.match_colour_stats(to_tensor(img, device), photo_t_full)), w)
-            for img, w in style_imgs
-        ]
-    luminance_mode = s.preserve_colors == "luminance"
-    photo_y = colour.luminance(photo_t_full) if luminance_mode else None
-
-    def prep_style(t: torch.Tensor) -> torch.Tensor:
-        if photo_y is None:
-            return t
-        return colour.match_luminance(colour.luminance(t), photo_y)
-
-    def prep_content(t: torch.Tensor) -> torch.Tensor:
-        return colour.luminance(t) if luminance_mode else t
-
-    target_key = (
-        s.backbone,
-        source,
-        str(device),
-        str(dtype),
-        channels_last,
-        s.preserve_colors,
-        _digest(photo) if s.preserve_colors != "none" else "",
+    """``Engine.stylize`` on this process's default engine."""
+    return default_engine().stylize(
+        content, styles, settings, on_progress=on_progress, should_stop=should_stop
     )
-    blend_total = sum(w for _, w in style_imgs)
-    image: torch.Tensor | None = None
-    losses: dict[str, float] = {}
-    done_pixel_steps, opt_time, step, cache_hits = 0, 0.0, 0, 0
-    steps_run: list[int] = []
-    restored: list[int] = []  # scales whose best evaluated image replaced a worse last one
-
-    for scale_i, ((w, h), iters) in enumerate(zip(sizes, plan_iters, strict=True)):
-        memory.release()
-        content_t = prep_content(to_tensor(resize(photo, (w, h)), device))
-        with torch.no_grad():
-            content_feats = fwd(content_t, plan.content)
-        content_terms = [
-            Scale(
-                LayerApply(ContentLoss(content_feats[n]), n),
-                s.effective_content_weight / len(plan.content),
-            )
-            for n in plan.content
-        ]
-        del content_feats
-        # Style targets: the style image is sized relative to this scale, never upscaled.
-        style_terms: list[nn.Module] = []
-        mixed: dict[str, torch.Tensor] = {}
-        for img, blend in style_imgs:
-            long_side = max(min_side, round(max(w, h) * s.style_scale))
-            ssize = fit(img.size, long_side) if max(img.size) > long_side else img.size
-            if min(ssize) < min_side:
-                ssize = fit(img.size, round(long_side * min_side / max(1, min(ssize))))
-            grams, hit = style_grams(fwd, target_key, img, ssize, plan.style, prep_style)
-            cache_hits += hit
-            share = blend / blend_total
-            if s.style_blend == "gram":
-                for n in plan.style:
-                    mixed[n] = mixed[n] + grams[n] * share if n in mixed else grams[n] * share
-            else:
-                style_terms += [
-                    Scale(LayerApply(StyleLoss(grams[n]), gram_key(n)), s.style_weight * lw * share)
-                    for n, lw in zip(plan.style, plan.style_weights, strict=True)
-                ]
-        if s.style_blend == "gram":
-            style_terms = [
-                Scale(LayerApply(StyleLoss(mixed[n]), gram_key(n)), s.style_weight * lw)
-                for n, lw in zip(plan.style, plan.style_weights, strict=True)
-            ]
-        tv_terms = [Scale(LayerApply(TVLoss(), "input"), s.tv_weight)]
-        objective = SumLoss({"content": content_terms, "style": style_terms, "tv": tv_terms})
-
-        # Start: the previous scale upsampled, else content / noise / the given image.
-        if image is not None:
-            start = F.interpolate(image.detach(), size=(h, w), mode="bicubic", align_corners=False)
-        elif s.init == "content":
-            start = to_tensor(resize(photo, (w, h)), device)
-        elif s.init == "noise":
-            start = torch.rand((1, 3, h, w), generator=gen).to(device)
-        else:
-            start = to_tensor(resize(init_img, (w, h)), device)
-        image = prep_content(start.clamp(0, 1)).contiguous().requires_grad_(True)
-
-        # Trimmed here, after the targets: the steps then reuse their own freed blocks, and the
-        # peak stays near what is live (one trim per scale, before its first step).
-        memory.release()
-        opt, average = _optimizer(s, image)
-        # L-BFGS without a line search (neural-style's and crowsonkb's configuration) is not
-        # monotone: a poor curvature estimate can throw the image far uphill for a few steps.
-        # The best image evaluated in this scale is kept, so a scale never ends worse than it
-        # got (Adam's output is its iterate average instead).
-        best_seen: dict[str, Any] = {"loss": math.inf, "image": None, "losses": {}, "last": 0.0}
-
-        def closure(
-            opt=opt, image=image, objective=objective, best_seen=best_seen, track=average is None
-        ) -> torch.Tensor:
-            opt.zero_grad(set_to_none=False)  # one gradient buffer for the whole scale
-            feats = fwd(image, grams=plan.style)
-            feats["input"] = image
-            loss = objective(feats)
-            loss.backward()
-            if track:
-                value = float(loss.detach())
-                best_seen["last"] = value
-                if value < best_seen["loss"]:
-                    best_seen.update(loss=value, losses=objective.values())
-                    if best_seen["image"] is None:
-                        best_seen["image"] = image.detach().clone()
-                    else:
-                        best_seen["image"].copy_(image.detach())
-            return loss
-
-        best, best_at, it = math.inf, 0, 0
-        for it in range(1, iters + 1):
-            if should_stop is not None and should_stop():
-                raise Cancelled()
-            t0 = time.perf_counter()
-            opt.step(closure)
-            if average is not None:
-                with torch.no_grad():
-                    image.clamp_(0, 1)  # box constraint for Adam (not L-BFGS) [crowsonkb]
-                    # EMA of the iterates, decay 0.99 [crowsonkb avg_decay].
-                    average.mul_(0.99).add_(image.detach(), alpha=0.01)
-            losses = objective.values()
-            if not math.isfinite(losses["total"]):
-                raise SettingsError(
-                    "The optimisation diverged (the loss is not a number). Lower the learning "
-                    "rate or the loss weights."
-                )
-            opt_time += time.perf_counter() - t0
-            step += 1
-            done_pixel_steps += w * h
-            if losses["total"] < best * (1 - s.early_stop):
-                best, best_at = losses["total"], it
-            stop_early = s.early_stop > 0 and it - best_at >= s.patience
-            if stop_early:  # the rest of this scale's budget is skipped: report it as done
-                total_steps -= iters - it
-            if on_progress is not None:
-                remaining = sum(pixel_steps[scale_i + 1 :]) + (iters - it) * w * h
-                eta = opt_time / done_pixel_steps * remaining if step >= 2 else None
-                preview = None
-                if s.preview_every and step % s.preview_every == 0:
-                    preview = _preview(
-                        _current(image, average), photo_t_full if luminance_mode else None
-                    )
-                on_progress(
-                    Progress(
-                        step=step, total_steps=total_steps, scale=scale_i + 1, scales=len(sizes),
-                        iteration=it, iterations=iters, width=w, height=h, losses=dict(losses),
-                        elapsed=time.perf_counter() - started, eta=eta, preview=preview,
-                    )
-                )  # fmt: skip
-            if stop_early:
-                break
-        steps_run.append(it)
-        if best_seen["image"] is not None and best_seen["last"] > best_seen["loss"]:
-            # The last evaluated image was not the best: the run went uphill at the end, so the
-            # final step (never evaluated) is not trusted either.
-            image, losses = best_seen["image"], best_seen["losses"]
-            restored.append(scale_i + 1)
-        else:
-            image = _current(image, average).detach()
-        best_seen.clear()
-        del opt, closure, average  # this scale's optimiser state, before the next scale
-
-    assert image is not None
-    out = colour.with_chroma_of(image, photo_t_full) if luminance_mode else image.clamp(0, 1)
-    result_img = to_image(out)
-    if result_img.size != (out_w, out_h):
-        result_img = result_img.resize((out_w, out_h), Image.Resampling.LANCZOS)
-    if alpha is not None:
-        result_img = result_img.convert("RGBA")
-        result_img.putalpha(resize(alpha, result_img.size))
-    metadata = {
-        "software": "pastiche",
-        "settings": s.to_dict(),
-        "backbone": s.backbone,
-        "weights": source,
-        "random_weights": s.backbone == "random",
-        "device": str(device),
-        "precision": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
-        "channels_last": channels_last,
-        "winograd": pick_winograd(s, device),
-        "fused_pooling": pick_fused_pooling(s, device),
-        "scales": [list(wh) for wh in sizes],
-        "steps": steps_run,
-        "restored_best": restored,
-        "losses": losses,
-        "style_cache_hits": cache_hits,
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    if s.extra:
-        metadata["extra"] = s.extra
-    return Result(image=result_img, settings=s, metadata=metadata)
-
-
-def _optimizer(
-    s: Settings, image: torch.Tensor
-) -> tuple[LBFGS | torch.optim.Optimizer, torch.Tensor | None]:
-    """The optimiser for one scale, and Adam's iterate average (None for L-BFGS)."""
-    if s.optimizer == "lbfgs":
-        # One function evaluation per step, history 10 [crowsonkb]; lr 1 is L-BFGS's own.
-        # torch.optim.LBFGS's arithmetic with preallocated state (see core/lbfgs.py).
-        return LBFGS(image, lr=1, history_size=s.lbfgs_history), None
-    # The average starts at the first iterate, a meaningful image, so it needs no bias correction.
-    return torch.optim.Adam([image], lr=s.learning_rate), image.detach().clone()
-
-
-def _current(image: torch.Tensor, average: torch.Tensor | None) -> torch.Tensor:
-    """The image to show or carry on: Adam's averaged iterate, L-BFGS's own iterate."""
-    return (image if average is None else average).detach().clamp(0, 1)
-
-
-def _preview(t: torch.Tensor, photo: torch.Tensor | None) -> Image.Image:
-    if photo is not None:
-        t = colour.with_chroma_of(t, photo)
-    img = to_image(t)
-    img.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS)
-    return img

@@ -16,16 +16,12 @@ from core.settings import Settings
 
 def probe(settings: Settings) -> dict[str, Any]:
     """Device and weights for ``settings``; never downloads."""
-    import torch
+    from core.engine.device import pick_device
 
-    device = settings.device
-    if device == "auto":
-        if torch.cuda.is_available():
-            device = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            device = "mps"
-        else:
-            device = "cpu"
+    try:  # the engine's own choice, so the probe reports what the workers will use
+        device = str(pick_device(settings.device))
+    except PasticheError:  # the workers will report it with the job; the weights still matter
+        device = settings.device
     info: dict[str, Any] = {"device": device, "backbone": settings.backbone}
     if settings.backbone == "random":
         info.update(weights_present=True, weights_path=None, weights_message="Random weights.")

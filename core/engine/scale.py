@@ -1,0 +1,337 @@
+"""One scale of the pyramid: its objective, its start image, and its optimisation.
+
+``optimise_scale`` runs one scale's steps and returns a ``ScaleResult``; the run (core/engine/
+run.py) chains the scales, each starting from the previous one's result.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from core.engine import colour
+from core.engine.cpu.lbfgs import LBFGS
+from core.engine.losses import (
+    ContentLoss,
+    LayerApply,
+    Scale,
+    StyleLoss,
+    SumLoss,
+    TVLoss,
+    gram_key,
+)
+from core.engine.model import Forward, LayerPlan
+from core.engine.tensors import fit, to_image
+from core.errors import Cancelled, SettingsError
+from core.settings import Settings
+from core.types import Progress
+
+PREVIEW_SIDE = 256
+
+Grams = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ScalePlan:
+    """One scale: its image size and its step budget."""
+
+    size: tuple[int, int]  # (width, height)
+    iterations: int
+
+    @property
+    def pixels(self) -> int:
+        return self.size[0] * self.size[1]
+
+
+@dataclass
+class ScaleResult:
+    """What one scale leaves: the image to carry on (detached, in [0, 1] for the output),
+    the losses of that image (empty when no step ran), the steps run, and whether the best
+    evaluated image replaced a worse last one."""
+
+    image: torch.Tensor
+    losses: dict[str, float]
+    steps: int
+    restored_best: bool
+
+
+# ---- the objective --------------------------------------------------------------------------
+def style_size(img_size: tuple[int, int], scale_size: tuple[int, int], s: Settings, min_side: int):
+    """The style image's size at this scale: relative to the scale, never upscaled, and never
+    below what the deepest layer needs."""
+    long_side = max(min_side, round(max(scale_size) * s.style_scale))
+    ssize = fit(img_size, long_side) if max(img_size) > long_side else img_size
+    if min(ssize) < min_side:
+        ssize = fit(img_size, round(long_side * min_side / max(1, min(ssize))))
+    return ssize
+
+
+def content_terms(
+    s: Settings, plan: LayerPlan, fwd: Forward, content_t: torch.Tensor
+) -> list[nn.Module]:
+    with torch.no_grad():
+        content_feats = fwd(content_t, plan.content)
+    return [
+        Scale(
+            LayerApply(ContentLoss(content_feats[n]), n),
+            s.effective_content_weight / len(plan.content),
+        )
+        for n in plan.content
+    ]
+
+
+def style_terms(
+    s: Settings, plan: LayerPlan, targets: Iterable[tuple[Grams, float]]
+) -> list[nn.Module]:
+    """Style losses against each (Gram targets, blend share): one term per image and layer, or,
+    with ``style_blend="gram"``, one per layer against the share-weighted mean Gram."""
+    layer_weights = list(zip(plan.style, plan.style_weights, strict=True))
+    if s.style_blend != "gram":
+        return [
+            Scale(LayerApply(StyleLoss(grams[n]), gram_key(n)), s.style_weight * lw * share)
+            for grams, share in targets
+            for n, lw in layer_weights
+        ]
+    mixed: Grams = {}
+    for grams, share in targets:
+        for n in plan.style:
+            mixed[n] = mixed[n] + grams[n] * share if n in mixed else grams[n] * share
+    return [
+        Scale(LayerApply(StyleLoss(mixed[n]), gram_key(n)), s.style_weight * lw)
+        for n, lw in layer_weights
+    ]
+
+
+def build_objective(
+    s: Settings,
+    plan: LayerPlan,
+    fwd: Forward,
+    content_t: torch.Tensor,
+    style_targets: Iterable[tuple[Grams, float]],
+) -> SumLoss:
+    """Content, style and TV terms of one scale. ``style_targets`` is read after the content
+    features are dropped (pass a generator to compute the targets only then)."""
+    content = content_terms(s, plan, fwd, content_t)
+    style = style_terms(s, plan, style_targets)
+    tv = [Scale(LayerApply(TVLoss(), "input"), s.tv_weight)]
+    return SumLoss({"content": content, "style": style, "tv": tv})
+
+
+def start_image(
+    s: Settings,
+    size: tuple[int, int],
+    previous: torch.Tensor | None,
+    first: Callable[[], torch.Tensor],
+    prep: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The leaf tensor to optimise: the previous scale upsampled, else ``first()`` (content,
+    noise or the given image at this size)."""
+    w, h = size
+    if previous is not None:
+        start = F.interpolate(previous.detach(), size=(h, w), mode="bicubic", align_corners=False)
+    else:
+        start = first()
+    return prep(start.clamp(0, 1)).contiguous().requires_grad_(True)
+
+
+# ---- progress -------------------------------------------------------------------------------
+class ProgressClock:
+    """Counts a run's steps across scales and reports them as ``Progress`` events (with the
+    ETA from the time per pixel-step so far, and a preview every ``preview_every`` steps)."""
+
+    def __init__(
+        self,
+        scales: list[ScalePlan],
+        started: float,
+        preview_every: int,
+        on_progress: Callable[[Progress], None] | None,
+        preview_photo: torch.Tensor | None,
+    ) -> None:
+        self.scales, self.started = scales, started
+        self.preview_every, self.on_progress, self.preview_photo = (
+            preview_every,
+            on_progress,
+            preview_photo,
+        )
+        self.total_steps = sum(p.iterations for p in scales)
+        self.pixel_steps = [p.iterations * p.pixels for p in scales]
+        self.done_pixel_steps, self.opt_time, self.step = 0, 0.0, 0
+
+    def step_done(
+        self,
+        index: int,
+        it: int,
+        seconds: float,
+        losses: dict[str, float],
+        stopped_early: bool,
+        current: Callable[[], torch.Tensor],
+    ) -> None:
+        """Step ``it`` of scale ``index`` took ``seconds``; when it ends its scale early, the
+        rest of that scale's budget is reported as done."""
+        plan = self.scales[index]
+        self.opt_time += seconds
+        self.step += 1
+        self.done_pixel_steps += plan.pixels
+        if stopped_early:
+            self.total_steps -= plan.iterations - it
+        if self.on_progress is None:
+            return
+        w, h = plan.size
+        remaining = sum(self.pixel_steps[index + 1 :]) + (plan.iterations - it) * w * h
+        eta = self.opt_time / self.done_pixel_steps * remaining if self.step >= 2 else None
+        preview = None
+        if self.preview_every and self.step % self.preview_every == 0:
+            preview = _preview(current(), self.preview_photo)
+        self.on_progress(
+            Progress(
+                step=self.step, total_steps=self.total_steps, scale=index + 1,
+                scales=len(self.scales), iteration=it, iterations=plan.iterations, width=w,
+                height=h, losses=dict(losses), elapsed=time.perf_counter() - self.started,
+                eta=eta, preview=preview,
+            )
+        )  # fmt: skip
+
+
+def _preview(t: torch.Tensor, photo: torch.Tensor | None) -> Image.Image:
+    if photo is not None:
+        t = colour.with_chroma_of(t, photo)
+    img = to_image(t)
+    img.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE), Image.Resampling.LANCZOS)
+    return img
+
+
+# ---- the optimisation of one scale ----------------------------------------------------------
+def make_optimizer(
+    s: Settings, image: torch.Tensor
+) -> tuple[LBFGS | torch.optim.Optimizer, torch.Tensor | None]:
+    """The optimiser for one scale, and Adam's iterate average (None for L-BFGS)."""
+    if s.optimizer == "lbfgs":
+        # One function evaluation per step, history 10 [crowsonkb]; lr 1 is L-BFGS's own.
+        # torch.optim.LBFGS's arithmetic with preallocated state (core/engine/cpu/lbfgs.py).
+        return LBFGS(image, lr=1, history_size=s.lbfgs_history), None
+    # The average starts at the first iterate, a meaningful image, so it needs no bias correction.
+    return torch.optim.Adam([image], lr=s.learning_rate), image.detach().clone()
+
+
+def _current(image: torch.Tensor, average: torch.Tensor | None) -> torch.Tensor:
+    """The image to show or carry on: Adam's averaged iterate, L-BFGS's own iterate."""
+    return (image if average is None else average).detach().clamp(0, 1)
+
+
+@dataclass
+class BestImage:
+    """The best image evaluated in a scale. L-BFGS without a line search (neural-style's and
+    crowsonkb's configuration) is not monotone: a poor curvature estimate can throw the image
+    far uphill for a few steps, so a scale ends on its best evaluated image when its last
+    evaluation was worse (Adam's output is its iterate average instead)."""
+
+    loss: float = math.inf
+    image: torch.Tensor | None = None
+    losses: dict[str, float] = field(default_factory=dict)
+    last: float = 0.0
+
+    def see(self, value: float, image: torch.Tensor, objective: SumLoss) -> None:
+        self.last = value
+        if value < self.loss:
+            self.loss, self.losses = value, objective.values()
+            if self.image is None:
+                self.image = image.detach().clone()
+            else:
+                self.image.copy_(image.detach())
+
+    @property
+    def ended_uphill(self) -> bool:
+        return self.image is not None and self.last > self.loss
+
+
+def _closure(
+    opt: LBFGS | torch.optim.Optimizer,
+    fwd: Forward,
+    grams: tuple[str, ...],
+    image: torch.Tensor,
+    objective: SumLoss,
+    best: BestImage | None,
+) -> Callable[[], torch.Tensor]:
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=False)  # one gradient buffer for the whole scale
+        feats = fwd(image, grams=grams)
+        feats["input"] = image
+        loss = objective(feats)
+        loss.backward()
+        if best is not None:
+            best.see(float(loss.detach()), image, objective)
+        return loss
+
+    return closure
+
+
+class EarlyStop:
+    """Stop a scale when the loss has not fallen by the fraction ``threshold`` for ``patience``
+    steps (threshold 0: never)."""
+
+    def __init__(self, threshold: float, patience: int) -> None:
+        self.threshold, self.patience = threshold, patience
+        self.best, self.best_at = math.inf, 0
+
+    def update(self, it: int, loss: float) -> bool:
+        if loss < self.best * (1 - self.threshold):
+            self.best, self.best_at = loss, it
+        return self.threshold > 0 and it - self.best_at >= self.patience
+
+
+def _checked(losses: dict[str, float]) -> dict[str, float]:
+    if not math.isfinite(losses["total"]):
+        raise SettingsError(
+            "The optimisation diverged (the loss is not a number). Lower the learning "
+            "rate or the loss weights."
+        )
+    return losses
+
+
+def optimise_scale(
+    s: Settings,
+    fwd: Forward,
+    plan: LayerPlan,
+    objective: SumLoss,
+    image: torch.Tensor,
+    index: int,
+    clock: ProgressClock,
+    should_stop: Callable[[], bool] | None,
+) -> ScaleResult:
+    """Run scale ``index`` from the leaf ``image``; raises Cancelled when ``should_stop()``
+    (checked before every step) says so."""
+    opt, average = make_optimizer(s, image)
+    best = BestImage() if average is None else None
+    closure = _closure(opt, fwd, plan.style, image, objective, best)
+    early = EarlyStop(s.early_stop, s.patience)
+    losses: dict[str, float] = {}
+    it = 0
+    for it in range(1, clock.scales[index].iterations + 1):
+        if should_stop is not None and should_stop():
+            raise Cancelled()
+        t0 = time.perf_counter()
+        opt.step(closure)
+        if average is not None:
+            with torch.no_grad():
+                image.clamp_(0, 1)  # box constraint for Adam (not L-BFGS) [crowsonkb]
+                # EMA of the iterates, decay 0.99 [crowsonkb avg_decay].
+                average.mul_(0.99).add_(image.detach(), alpha=0.01)
+        losses = _checked(objective.values())
+        seconds = time.perf_counter() - t0
+        stop = early.update(it, losses["total"])
+        clock.step_done(index, it, seconds, losses, stop, lambda: _current(image, average))
+        if stop:
+            break
+    if best is not None and best.ended_uphill:
+        # The last evaluated image was not the best: the run went uphill at the end, so the
+        # final step (never evaluated) is not trusted either.
+        assert best.image is not None
+        return ScaleResult(best.image, best.losses, it, True)
+    return ScaleResult(_current(image, average).detach(), losses, it, False)
