@@ -283,6 +283,7 @@ class _ProgressBar:
         loss = p.losses.get("total")
         self.bar.set_postfix_str(
             f"scale {p.scale}/{p.scales} {p.width}x{p.height}"
+            + (f" tile {p.tile}/{p.tiles}" if p.tiles > 1 else "")
             + (f", loss {loss:.4g}" if loss is not None else "")
             + (f", ETA {_duration(p.eta)}" if p.eta is not None else ""),
             refresh=False,

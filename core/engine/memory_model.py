@@ -42,24 +42,29 @@ class ScaleCost:
         return max(0, int((room - self.fixed) / self.per_pixel))
 
 
-# Measured 2026-11-30 with `python -m benchmarks.memory_model` (sizes 256-1024 px, 4:3, 12 steps;
-# Intel Xeon with AMX, 2 cores, torch 2.13 CPU): least-squares fit, then the fixed part raised
-# by the largest residual so that every measured point is at or under the line.
+# Measured 2026-11-30 with `python -m benchmarks.memory_model` on the project's CI machine kind
+# (Intel Xeon with AMX, 2 cores shared with other jobs, torch 2.13 CPU, glibc), one scale of
+# 12 steps at 256, 512, 768 and 1024 px (4:3; bf16 L-BFGS also at 1280 and 1448 px, and 512
+# and 1024 px measured again: repeated points differ by up to 240 MiB at 1024 px, the heap's
+# layout). Per pixel: the least-squares slope; fixed: raised until every point is on or under
+# the line. Extra MiB measured (pixels): lbfgs/fp32 218, 625, 1186, 2118 (49152, 196608,
+# 442368, 786432); lbfgs/bf16 144, 433-490, 815, 1425-1665, 2497, 3104 (..., 1228800,
+# 1572528); adam/fp32 285, 611, 1160, 2018; adam/bf16 204, 419, 798, 1456.
 COSTS: dict[tuple[str, str], ScaleCost] = {
-    ("lbfgs", "fp32"): ScaleCost(fixed=0.0, per_pixel=0.0),
-    ("lbfgs", "bf16"): ScaleCost(fixed=0.0, per_pixel=0.0),
-    ("lbfgs", "plain"): ScaleCost(fixed=0.0, per_pixel=0.0),
-    ("adam", "fp32"): ScaleCost(fixed=0.0, per_pixel=0.0),
-    ("adam", "bf16"): ScaleCost(fixed=0.0, per_pixel=0.0),
-    ("adam", "plain"): ScaleCost(fixed=0.0, per_pixel=0.0),
+    ("lbfgs", "fp32"): ScaleCost(fixed=123.5 * MiB, per_pixel=2674.8),
+    ("lbfgs", "bf16"): ScaleCost(fixed=132.2 * MiB, per_pixel=2043.6),
+    ("lbfgs", "plain"): ScaleCost(fixed=123.5 * MiB, per_pixel=2674.8),
+    ("adam", "fp32"): ScaleCost(fixed=169.6 * MiB, per_pixel=2464.6),
+    ("adam", "bf16"): ScaleCost(fixed=120.0 * MiB, per_pixel=1782.7),
+    ("adam", "plain"): ScaleCost(fixed=123.5 * MiB, per_pixel=2674.8),
 }
 """(optimizer, kind) -> cost of one optimisation scale. Kind: "bf16" (autocast), "fp32"
 (Winograd convolutions and fused pooling, the CPU's fp32 path), "plain" (fp32 without either:
 the graph a GPU runs and the CPU's with those levers off)."""
 TARGETS: dict[str, ScaleCost] = {
-    "fp32": ScaleCost(fixed=0.0, per_pixel=0.0),
-    "bf16": ScaleCost(fixed=0.0, per_pixel=0.0),
-    "plain": ScaleCost(fixed=0.0, per_pixel=0.0),
+    "fp32": ScaleCost(fixed=50 * MiB, per_pixel=600.0),
+    "bf16": ScaleCost(fixed=50 * MiB, per_pixel=400.0),
+    "plain": ScaleCost(fixed=50 * MiB, per_pixel=600.0),
 }
 """kind -> cost of a forward pass without gradients (the style and content targets), per
 pixel of the image passed through."""
