@@ -2,14 +2,17 @@
 
 In one run, on the same random VGG19 weights and the same images, it measures
 
+* the engine's speed probe (core/engine/autotune.py), in a cache of its own: how long a first
+  run on this machine spends choosing precision and convolutions, and what it chose;
 * seconds per L-BFGS iteration and peak memory of the baseline (benchmarks/baseline.py) and of
   the engine at each size, every variant in a fresh process, in alternating order;
 * the time each needs to reach the objective the baseline reaches after ``--ref-iterations``
   steps (the engine: its default pyramid, then more steps at the final scale);
 * a default-settings stylization (wall time and peak memory);
-* each engine lever on and off, with the loss difference it causes: precision, channels_last,
-  Winograd convolutions, frozen weights (via the baseline), the pyramid and the style-target
-  cache.
+* each engine lever on and off, with the loss difference it causes: every precision x
+  convolution path (fp32 / bf16, oneDNN / Winograd) against the measured choice, channels_last,
+  fused pooling, the kept heap, torch.compile, frozen weights (via the baseline), the pyramid
+  and the style-target cache.
 
 The ratios are printed as the last lines. Timings are the median of the timed iterations after
 a warm-up, the best over rounds; the machine may be shared, so the load average is printed too.
@@ -51,6 +54,7 @@ class Plan:
     cache_iterations: int  # steps per scale in the style-cache runs
 
 
+PATHS = ("fp32", "fp32+winograd", "bf16", "bf16+winograd")  # core.engine.autotune's names
 FULL = Plan((256, 512), 2, 5, 2, 512, 512, 300, 300, 512, 2)
 QUICK = Plan((256, 512), 1, 3, 2, 256, 256, 50, 100, 512, 2)
 
@@ -204,6 +208,7 @@ class Bench:
         self.started = time.perf_counter()
         self.ratios: list[str] = []
         self.results: list[dict[str, Any]] = []
+        self.choice: dict[str, Any] = {"path": "fp32+winograd", "reason": "not measured yet"}
 
     def say(self, text: str = "") -> None:
         print(text, file=self.out, flush=True)
@@ -221,6 +226,8 @@ class Bench:
             f"peak {mb(r.get('peak_rss_mb'))} (after import {mb(r.get('rss_import_mb'))}, "
             f"after model {mb(r.get('rss_model_mb'))})"
         )
+        if "record" in r:
+            return f"{r['probe_wall']:.2f} s, chose {r['choice']['path']}; {mem}"
         if "runs" in r:
             return "; ".join(f"{x['label']} {x['seconds']:.2f} s" for x in r["runs"]) + f"; {mem}"
         times, losses = step_times(r), step_losses(r)
@@ -263,20 +270,25 @@ class Bench:
                 "engine": ("engine", self.engine_iter_spec(size)),
             }
             if size == p.lever_size:
-                other = self.other_precision()
-                variants[f"engine {other}"] = (
-                    "engine",
-                    self.engine_iter_spec(size, precision=other),
-                )
+                for path in PATHS:
+                    if path != self.choice["path"]:
+                        precision, _, wino = path.partition("+")
+                        variants[f"engine {path}"] = (
+                            "engine",
+                            self.engine_iter_spec(size, precision=precision, winograd=bool(wino)),
+                        )
                 for label, setting in (
                     ("channels_last", "channels_last"),
-                    ("winograd", "winograd"),
                     ("fused pooling", "fused_pooling"),
                 ):
                     variants[f"engine {label} off"] = (
                         "engine",
                         self.engine_iter_spec(size, **{setting: False}),
                     )
+                variants["engine compiled"] = (
+                    "engine",
+                    {**self.engine_iter_spec(size), "compile": True},
+                )
                 variants["engine heap kept off"] = (
                     "engine",
                     {**self.engine_iter_spec(size), "keep_heap": False},
@@ -285,8 +297,9 @@ class Bench:
                     "baseline",
                     {"size": size, "iterations": n, "frozen": True},
                 )
-                for name in ("engine", f"engine {other}"):
-                    variants[name][1]["evaluate"] = True
+                for name in variants:
+                    if name == "engine" or name.removeprefix("engine ") in PATHS:
+                        variants[name][1]["evaluate"] = True
             runs: dict[str, list[dict[str, Any]]] = {k: [] for k in variants}
             for r in range(p.rounds):
                 order = list(variants) if r % 2 == 0 else list(reversed(variants))
@@ -296,16 +309,9 @@ class Bench:
             found[size] = runs
         return found
 
-    @staticmethod
-    def other_precision() -> str:
-        """The precision the engine does not pick by default on this CPU."""
-        import torch
-
-        from core.engine.device import pick_precision
-        from core.settings import Settings
-
-        auto = pick_precision(Settings(device="cpu"), torch.device("cpu"))
-        return "fp32" if auto is not None else "bf16"
+    def other_precision(self) -> str:
+        """The precision the engine does not pick by default on this machine."""
+        return "fp32" if self.choice["path"].startswith("bf16") else "bf16"
 
     def best(self, runs: list[dict[str, Any]]) -> float:
         return min(per_iteration(r, self.plan.warmup) for r in runs)
@@ -358,8 +364,28 @@ class Bench:
         return {"ref": ref, "target": target, "pyramid": pyr, "single": single,
                 "other_precision": (other, other_pyr), "default_first": default_first}  # fmt: skip
 
+    def speed_section(self) -> dict[str, Any]:
+        """The engine's speed probe, run now in a fresh process with an empty cache (so it is
+        timed as a first run on this machine pays it); every engine run below uses its choice."""
+        self.say("\n== Speed probe (what precision='auto' and winograd=None run) ==")
+        r = self.measure("speed probe", "probe")
+        rec = r["record"]
+        self.say(
+            f"  probe {r['probe_wall']:.2f} s in all (target < 3 s; steps {rec['probe_seconds']:.2f} "
+            f"s), at {rec['size'][0]}x{rec['size'][1]} px, share of the cores "
+            f"{rec.get('cpu_share')}, load {rec.get('load')}"
+        )
+        from core.engine.autotune import Trial
+
+        for t in rec["trials"]:
+            self.say(f"    {Trial(**t).describe()}")
+        self.say(f"  chosen: {r['choice']['path']} ({r['choice']['reason']})")
+        self.choice = r["choice"]
+        return r
+
     def run(self) -> int:
         p = self.plan
+        self.speed = self.speed_section()
         iters = self.per_iteration_section()
         tto = self.time_to_objective()
         self.say("\n== Default-settings stylization and style-target cache ==")
@@ -465,7 +491,8 @@ class Bench:
             f"{default['import_seconds']:.1f} s not), peak RSS {mb(default['peak_rss_mb'])}, "
             f"scales {meta.get('scales')}, steps {meta.get('steps')}, "
             f"precision {meta.get('precision')}, channels_last {meta.get('channels_last')}, "
-            f"winograd {meta.get('winograd')}, fused pooling {meta.get('fused_pooling')}"
+            f"winograd {meta.get('winograd')}, fused pooling {meta.get('fused_pooling')}, "
+            f"speed path {meta.get('speed', {}).get('path')} ({meta.get('speed', {}).get('reason')})"
         )
 
         self.say("\nLevers (on vs off, same run):")
@@ -482,29 +509,9 @@ class Bench:
                     f"({rel(lb, la)})"
                 )
 
-            other = self.other_precision()
-            auto = lv["engine"][0]["metadata"]["precision"]
-            row("precision", "engine", f"engine {other}", f"{auto} (auto)", other)
-            a = lv["engine"][0].get("fp32_objective")
-            b = lv[f"engine {other}"][0].get("fp32_objective")
-            if a is not None and b is not None:
-                self.say(
-                    f"      fp32 objective of the 8-bit outputs: {a:.6g} ({auto}) vs "
-                    f"{b:.6g} ({other}), {rel(b, a)}"
-                )
-            picked = tto["pyramid"].get("metadata", {}).get("precision", auto)
-            mine, theirs = reach(tto["pyramid"], target), reach(other_pyr, target)
-            if mine is not None and theirs is not None:
-                self.say(
-                    f"      to the objective @{p.ref_size} (default pyramid, then final scale): "
-                    f"{picked} (auto) {mine['elapsed']:.1f} s vs {other} {theirs['elapsed']:.1f} s "
-                    f"({theirs['elapsed'] / mine['elapsed']:.2f}x)"
-                )
-            else:
-                self.say(f"      to the objective @{p.ref_size}: not reached by both precisions")
+            self.path_rows(lv, tto, row)
             row("channels_last", "engine", "engine channels_last off", "on", "off")
-            wino = lv["engine"][0]["metadata"].get("winograd")
-            row("winograd F(4x4,3x3)", "engine", "engine winograd off", f"{wino} (auto)", "off")
+            self.compile_row(lv)
             fused = lv["engine"][0]["metadata"].get("fused_pooling")
             row("fused ReLU+pool", "engine", "engine fused pooling off", f"{fused} (auto)", "off")
             row("heap kept during a run", "engine", "engine heap kept off", "on", "glibc default")
@@ -532,10 +539,63 @@ class Bench:
             f"{first_run['seconds']:.2f} s (model already built)"
         )
 
+        c, rec = self.choice, self.speed["record"]
+        self.say(
+            f"  speed probe: chose {c['path']} in {self.speed['probe_wall']:.2f} s ("
+            + ", ".join(
+                f"{k} {'rejected' if v is None else f'{v:.3f} s'}" for k, v in c["measured"].items()
+            )
+            + f", {rec['size'][0]}x{rec['size'][1]} px)"
+        )
         self.say(f"\nload average at the end: {load_average()}; total {self.elapsed():.0f} s")
         self.say("")
         for line in (*self.ratios, *tto_final):
             self.say(line)
+
+    def path_rows(self, lv: dict[str, list[dict[str, Any]]], tto: dict[str, Any], row) -> None:
+        """Each precision x convolution path against the one the probe chose, with the loss
+        difference it makes, the fp32 objective of its output, and the other precision's time
+        to the objective."""
+        p, auto = self.plan, self.choice["path"]
+        a = lv["engine"][0].get("fp32_objective")
+        for path in PATHS:
+            if path == auto:
+                continue
+            row(f"path {path}", "engine", f"engine {path}", f"{auto} (auto)", path)
+            b = lv[f"engine {path}"][0].get("fp32_objective")
+            if a is not None and b is not None:
+                self.say(
+                    f"      fp32 objective of the 8-bit outputs: {a:.6g} ({auto}) vs "
+                    f"{b:.6g} ({path}), {rel(b, a)}"
+                )
+        other, other_pyr = tto["other_precision"]
+        picked = tto["pyramid"].get("metadata", {}).get("precision", auto)
+        mine, theirs = reach(tto["pyramid"], tto["target"]), reach(other_pyr, tto["target"])
+        if mine is not None and theirs is not None:
+            self.say(
+                f"      to the objective @{p.ref_size} (default pyramid, then final scale): "
+                f"{picked} (auto) {mine['elapsed']:.1f} s vs {other} {theirs['elapsed']:.1f} s "
+                f"({theirs['elapsed'] / mine['elapsed']:.2f}x)"
+            )
+        else:
+            self.say(f"      to the objective @{p.ref_size}: not reached by both precisions")
+
+    def compile_row(self, lv: dict[str, list[dict[str, Any]]]) -> None:
+        """torch.compile of the network (benchmarks/workers.py): its steps after compiling,
+        and what compiling cost (the first step's extra time)."""
+        p = self.plan
+        runs = lv["engine compiled"]
+        if any("compile_error" in r for r in runs):
+            self.say(f"  torch.compile @{p.lever_size}: failed: {runs[0].get('compile_error')}")
+            return
+        a, b = self.best(lv["engine"]), self.best(runs)
+        first = min(step_times(r)[0] for r in runs) - b
+        la, lb = step_losses(lv["engine"][0])[-1], step_losses(runs[0])[-1]
+        self.say(
+            f"  torch.compile @{p.lever_size}: compiled {b:.3f} s/it vs eager {a:.3f} s/it "
+            f"({a / b:.2f}x), compiling cost {first:.1f} s; loss after "
+            f"{p.warmup + p.timed} steps {lb:.6g} vs {la:.6g} ({rel(lb, la)})"
+        )
 
     @staticmethod
     def times(hit: dict[str, Any]) -> str:
@@ -601,7 +661,14 @@ def main(argv: Sequence[str] | None = None, *, worker: Worker | None = None) -> 
     ns, plan = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
+    from core.engine import autotune
+
+    saved = os.environ.get(autotune.ENV_VAR)
     with tempfile.TemporaryDirectory(prefix="pastiche-bench-") as tmp:
+        # A cache of its own: the probe is timed as a first run pays it, and every engine
+        # process of the run uses the choice it made.
+        os.environ[autotune.ENV_VAR] = str(Path(tmp) / "speed.json")
+        autotune.forget()
         if ns.content and ns.style:
             content, style, images = ns.content, ns.style, "given"
         elif ns.content or ns.style:
@@ -630,6 +697,11 @@ def main(argv: Sequence[str] | None = None, *, worker: Worker | None = None) -> 
         finally:
             if ns.json:
                 Path(ns.json).write_text(json.dumps(bench.results, indent=1), encoding="utf-8")
+            if saved is None:
+                os.environ.pop(autotune.ENV_VAR, None)
+            else:
+                os.environ[autotune.ENV_VAR] = saved
+            autotune.forget()
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ fixed overhead from what a run adds. Run as ``python -m benchmarks.workers '<jso
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -143,36 +145,56 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         return _engine(spec, settings, content, style, out)
     if kind == "cache":
         return _cache(settings, content, style, out)
+    if kind == "probe":
+        return _probe(out)
     raise ValueError(f"unknown benchmark kind {kind!r}")
 
 
-def _prebuild(settings: Any) -> tuple[float, float | None]:
+def _prebuild(engine: Any, settings: Any) -> tuple[float, float | None]:
     """Build (and cache) the engine's model through its normal path; returns seconds and RSS."""
-    from core.engine.run import default_engine
-
     started = time.perf_counter()
-    default_engine().warm_up(settings)
+    engine.warm_up(settings)
     return time.perf_counter() - started, rss_now_mb()
 
 
-def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: dict) -> dict:
-    from core.engine.cpu import memory
+@contextlib.contextmanager
+def compiled_models(engine: Any) -> Iterator[None]:
+    """The engine's cached networks under ``torch.compile`` for the block (the compile lever;
+    the engine itself stays eager, see docs/BENCHMARKS.md), put back as they were after it.
+    Two parts stay eager inside the compiled network: conv1_1, the backward of whose replicate
+    padding torch 2.13's tracer rejects (a stride mismatch in ``replication_pad2d_backward``'s
+    meta kernel), and Winograd layers, whose strided views it cannot trace."""
+    import torch
 
-    keep = memory.keep_freed_memory
-    if not spec.get("keep_heap", True):  # the allocator lever: glibc's own behaviour
-        memory.keep_freed_memory = lambda: False
+    from core.engine.cpu.winograd import WinogradConv2d
+
+    saved = engine.models.items()
+    patched = []
+    for key, model in saved:
+        eager = [model.features[0]]
+        eager += [m for m in model.modules() if isinstance(m, WinogradConv2d)]
+        for module in eager:
+            module.forward = torch.compiler.disable(module.forward)
+            patched.append(module)
+        engine.models.put(key, torch.compile(model))
     try:
-        return _engine_run(spec, settings, content, style, out)
+        yield
     finally:
-        memory.keep_freed_memory = keep
+        for module in patched:
+            del module.forward  # the class's own again
+        for key, model in saved:
+            engine.models.put(key, model)
+        torch.compiler.reset()
 
 
-def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: dict) -> dict:
-    from core.engine import run as engine
+def _engine(spec: dict[str, Any], settings: Any, content: Any, style: Any, out: dict) -> dict:
+    from core.engine import Engine
     from core.errors import Cancelled
 
+    # keep_heap False is the allocator lever: glibc's own behaviour during the run.
+    engine = Engine(keep_heap=spec.get("keep_heap", True))
     started, cpu_started = time.perf_counter(), time.process_time()
-    out["model_seconds"], out["rss_model_mb"] = _prebuild(settings)
+    out["model_seconds"], out["rss_model_mb"] = _prebuild(engine, settings)
     target = spec.get("target")
     rec = Recorder(
         started,
@@ -182,12 +204,22 @@ def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, o
         min_steps=spec.get("min_steps", 0),
     )
     result = None
+    maybe_compiled = (
+        compiled_models(engine.default_engine())
+        if spec.get("compile")
+        else contextlib.nullcontext()
+    )
     try:
-        result = engine.stylize(
-            content, [style], settings, on_progress=rec.on_progress, should_stop=rec.should_stop
-        )
+        with maybe_compiled:
+            result = engine.stylize(
+                content, [style], settings, on_progress=rec.on_progress, should_stop=rec.should_stop
+            )
     except Cancelled:
         pass
+    except Exception as exc:  # torch.compile's tracer fails on what eager runs
+        if not spec.get("compile"):
+            raise
+        out["compile_error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
     out["wall_seconds"] = time.perf_counter() - started
     out["peak_rss_mb"] = peak_rss_mb()
     out["steps"] = rec.steps
@@ -199,11 +231,16 @@ def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, o
         out["final_loss"] = meta["losses"]["total"]
         out["metadata"] = {
             k: meta[k]
-            for k in ("precision", "channels_last", "winograd", "fused_pooling", "scales", "steps")
-        }
+            for k in (
+                "precision", "channels_last", "winograd", "fused_pooling", "scales", "steps",
+                "speed",
+            )
+        }  # fmt: skip
     continue_iters = spec.get("continue_iterations", 0)
     if target is not None and rec.reached is None and result is not None and continue_iters:
-        out["continued"] = _continue(settings, content, style, result.image, rec, continue_iters)
+        out["continued"] = _continue(
+            engine, settings, content, style, result.image, rec, continue_iters
+        )
     if spec.get("evaluate") and result is not None:
         from core.engine import backbones
 
@@ -214,10 +251,9 @@ def _engine_run(spec: dict[str, Any], settings: Any, content: Any, style: Any, o
     return out
 
 
-def _continue(settings, content, style, image, rec: Recorder, iterations: int) -> dict:
+def _continue(engine, settings, content, style, image, rec: Recorder, iterations: int) -> dict:
     """Go on at the final scale from the pyramid's output (an 8-bit image, L-BFGS restarted)
     until the target is reached or ``iterations`` more steps ran."""
-    from core.engine import run as engine
     from core.errors import Cancelled
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,13 +287,14 @@ def _continue(settings, content, style, image, rec: Recorder, iterations: int) -
 
 def _cache(settings: Any, content: Any, style: Any, out: dict) -> dict:
     """Three short runs in one process: cold, warm, and warm with the style targets dropped."""
-    from core.engine import run as engine
+    from core.engine import Engine
 
-    out["model_seconds"], out["rss_model_mb"] = _prebuild(settings)
+    engine = Engine()
+    out["model_seconds"], out["rss_model_mb"] = _prebuild(engine, settings)
     runs = []
     for label in ("first", "second", "second, style targets cleared"):
         if label.endswith("cleared"):
-            engine.default_engine().targets.clear()
+            engine.targets.clear()
         started = time.perf_counter()
         result = engine.stylize(content, [style], settings)
         runs.append(
@@ -270,6 +307,23 @@ def _cache(settings: Any, content: Any, style: Any, out: dict) -> dict:
             }
         )
     out["runs"] = runs
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def _probe(out: dict) -> dict:
+    """The engine's speed probe as a first run on this machine pays it (imports excluded)."""
+    import torch
+
+    from core.engine import autotune
+
+    device = torch.device("cpu")
+    started = time.perf_counter()
+    record, origin = autotune.measurements(device)
+    out["probe_wall"] = time.perf_counter() - started
+    out["origin"] = origin
+    out["record"] = record.to_json()
+    out["choice"] = autotune.choose("auto", None, device).metadata()
     out["peak_rss_mb"] = peak_rss_mb()
     return out
 

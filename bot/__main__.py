@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import discord
 
+from core.errors import PasticheError
 from core.presets import PresetLibrary, load_presets
 
 from .config import TOKEN_ENV, BotConfig, ConfigError, load_config
@@ -74,8 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = dataclasses.replace(config, guild_id=args.guild)
     library = load_library(config)
     if args.check:
-        print(f"Configuration OK; {len(library)} preset(s), {len(library.problems)} problem(s).")
-        return 1 if library.problems else 0
+        return _check(config, library)
     if not config.token:
         print(
             f"pastiche bot: error: no Discord token; set {TOKEN_ENV} or 'token' in the "
@@ -94,9 +94,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             "in the Developer Portal (Bot > Privileged Gateway Intents)."
         )
         return 1
+    except PasticheError as exc:  # the broker refused us or is unreachable
+        log.error("%s", exc)
+        return 1
     except KeyboardInterrupt:
         log.info("Stopped.")
     return 0
+
+
+def _check(config: BotConfig, library: PresetLibrary) -> int:
+    """``--check``: the configuration, the presets and, with Celery, the broker."""
+    if config.backend == "celery":
+        from core.jobs.broker import BrokerError, check, normalise_url, redact
+
+        url = normalise_url(config.broker)
+        try:
+            check(url)
+        except BrokerError as exc:
+            print(f"pastiche bot: error: {exc}", file=sys.stderr)
+            return 1
+        print(f"Broker {redact(url)} answers.")
+    print(f"Configuration OK; {len(library)} preset(s), {len(library.problems)} problem(s).")
+    return 1 if library.problems else 0
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import logging
 import discord
 from discord.ext import commands
 
-from core.jobs import Runner, RunnerConfig
+from core.jobs import Backend, Runner, RunnerConfig
 from core.presets import PresetLibrary
 from core.settings import Settings
 
@@ -42,6 +42,17 @@ def runner_config(config: BotConfig) -> RunnerConfig:
     )
 
 
+def make_backend(config: BotConfig, runner: RunnerConfig) -> Backend | None:
+    """The Celery backend when configured; None lets the runner use local workers."""
+    if config.backend != "celery":
+        return None
+    from core.jobs.celery_backend import CeleryBackend
+
+    if config.engine.weights or config.engine.device != "auto":
+        log.info("backend = celery: each worker uses its own weights and device, not [engine]'s")
+    return CeleryBackend(runner, config.broker)
+
+
 class PasticheBot(commands.Bot):
     """commands.Bot with no text commands: slash commands plus the mention listener."""
 
@@ -58,7 +69,10 @@ class PasticheBot(commands.Bot):
         )
         self.config = config
         self.presets = presets
-        self.runner = runner or Runner(runner_config(config))
+        if runner is None:
+            settings = runner_config(config)
+            runner = Runner(settings, backend=make_backend(config, settings))
+        self.runner = runner
         self.base_settings = base_settings
 
     async def setup_hook(self) -> None:

@@ -14,13 +14,15 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import discord
 from discord import app_commands
 from discord.ext import commands
 
+from core.animation import AnimationLimits
 from core.errors import BusyError, PasticheError, SettingsError
+from core.images import accepted_formats
 from core.jobs import (
     Done,
     Failed,
@@ -35,10 +37,11 @@ from core.jobs import (
     Started,
 )
 from core.presets import PresetLibrary
-from core.settings import Settings
+from core.requests import request_settings
+from core.settings import PreserveColors, Settings
 
 from .config import BotConfig
-from .delivery import fit_to_limit, settings_embed
+from .delivery import fit_animation_to_limit, fit_to_limit, settings_embed
 from .origin import InteractionOrigin, MessageOrigin, Origin
 from .status import JobStatus, ThrottledEditor, render
 from .thumbnails import thumbnail
@@ -114,12 +117,13 @@ class PasticheCog(commands.Cog, name="Pastiche"):
     # ---- slash commands ------------------------------------------------------------------
     @app_commands.command(name="stylize", description="Paint a photo in the style of an image.")
     @app_commands.describe(
-        photo="The photo to paint (PNG, JPEG or WebP).",
+        photo=f"The photo to paint ({accepted_formats()}), or a GIF or short video to paint frame by frame.",
         style="A painting whose style to copy.",
         preset="Or one of the bot's style presets (see /styles).",
         strength="0 = close to the photo, 1 = mostly style; default: the preset's, else 0.5.",
         size="Long side of the result in pixels.",
         preserve_colours="Keep the photo's colours: luminance or stats (colour matching).",
+        keep_faces="Keep faces recognisable: 0 = paint them like the rest, 1 = most; default 0.5.",
     )
     async def stylize(
         self,
@@ -129,7 +133,8 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         preset: str | None = None,
         strength: app_commands.Range[float, 0.0, 1.0] | None = None,
         size: app_commands.Range[int, 64, 4096] | None = None,
-        preserve_colours: Literal["none", "luminance", "stats"] | None = None,
+        preserve_colours: PreserveColors | None = None,
+        keep_faces: app_commands.Range[float, 0.0, 1.0] | None = None,
     ) -> None:
         await interaction.response.defer(ephemeral=True, thinking=True)  # within 3 s, always
         await self.submit(
@@ -140,6 +145,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
             strength=strength,
             size=size,
             preserve_colours=preserve_colours,
+            keep_faces=keep_faces,
         )
 
     @stylize.autocomplete("preset")
@@ -271,22 +277,32 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         strength: float | None = None,
         size: int | None = None,
         preserve_colours: str | None = None,
+        keep_faces: float | None = None,
     ) -> Job | None:
         """Validate, queue and start following one request; errors go back to the user."""
         user_id = origin.user.id
         limits = self.config.limits
         try:
             self._check_cooldown(user_id)
-            check_attachment(photo, what="photo", max_bytes=limits.max_attachment_bytes)
+            check_attachment(
+                photo, what="photo", max_bytes=limits.max_attachment_bytes, videos=True
+            )
             chosen = await self._choose_style(style, preset)
             upload = await fetch_image(
                 photo, what="photo", max_bytes=limits.max_attachment_bytes,
-                max_pixels=limits.max_pixels,
+                max_pixels=limits.max_pixels, clips=self._clip_limits(),
+                clip_side=limits.animation_size,
             )  # fmt: skip
-            settings = self._settings(chosen, strength, size, preserve_colours)
+            settings = self._settings(chosen, strength, size, preserve_colours, keep_faces)
+            clip_format = None
+            if upload.animation is not None:  # a GIF or a video: fewer frames, smaller
+                settings = settings.replace(
+                    size=min(settings.size, limits.animation_size), max_frames=limits.max_frames
+                )
+                clip_format = "mp4" if upload.animation.video else "gif"  # what Discord plays
             request = JobRequest(
                 content=upload.data, styles=((chosen.data, 1.0),), settings=settings,
-                label=chosen.label,
+                label=chosen.label, animation_format=clip_format,
             )  # fmt: skip
             job = await self.runner.submit(request, owner=str(user_id))
         except PasticheError as exc:
@@ -312,6 +328,10 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return job
+
+    def _clip_limits(self) -> AnimationLimits:
+        limits = self.config.limits
+        return AnimationLimits(max_seconds=limits.max_clip_seconds, max_pixels=limits.max_pixels)
 
     async def _tell(self, origin: Origin, text: str) -> None:
         try:
@@ -349,21 +369,26 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         return StyleChoice(data, found.name, found.strength)
 
     def _settings(
-        self, chosen: StyleChoice, strength: float | None, size: int | None, colours: str | None
+        self,
+        chosen: StyleChoice,
+        strength: float | None,
+        size: int | None,
+        colours: str | None,
+        keep_faces: float | None = None,
     ) -> Settings:
-        base = self.base_settings
-        max_size = self.config.limits.max_size
-        if size is not None and size > max_size:
-            raise SettingsError(
-                f"The largest size I paint is {max_size} pixels; pick a smaller one."
-            )
-        if strength is None:
-            strength = chosen.strength if chosen.strength is not None else base.strength
-        return base.replace(
-            strength=float(strength),
-            size=int(size) if size is not None else min(base.size, max_size),
-            preserve_colors=colours or base.preserve_colors,
-            extra={**base.extra, "frontend": "discord", "style": chosen.label},
+        given = {
+            "strength": strength,
+            "size": size,
+            "preserve_colors": colours,
+            "keep_faces": keep_faces,
+        }
+        return request_settings(
+            "discord",
+            {name: value for name, value in given.items() if value is not None},
+            base=self.base_settings,
+            preset_strength=chosen.strength,
+            max_size=self.config.limits.max_size,
+            notes={"style": chosen.label},
         )
 
     # ---- following a job -----------------------------------------------------------------
@@ -394,6 +419,7 @@ class PasticheCog(commands.Cog, name="Pastiche"):
                     status.state, started = "running", self.clock()
                 elif isinstance(event, ProgressUpdate):
                     status.state, status.percent, status.eta = "running", event.percent, event.eta
+                    status.frame, status.frames = event.frame, event.frames
                 elif isinstance(event, Preview):
                     status.preview = event.png
                 elif isinstance(event, Done):
@@ -420,7 +446,13 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         elapsed: float | None,
     ) -> None:  # fmt: skip
         try:
-            fitted = await asyncio.to_thread(fit_to_limit, done.png, origin.upload_limit)
+            if done.animated:
+                fitted = await asyncio.to_thread(
+                    fit_animation_to_limit, done.data, _CLIP_FORMATS[done.mime],
+                    origin.upload_limit,
+                )  # fmt: skip
+            else:
+                fitted = await asyncio.to_thread(fit_to_limit, done.png, origin.upload_limit)
         except Exception:
             log.exception(
                 "job %s: cannot fit the result into %d bytes", job.id, origin.upload_limit
@@ -434,9 +466,12 @@ class PasticheCog(commands.Cog, name="Pastiche"):
             style_label=status.label,
             fitted=fitted,
             elapsed=elapsed,
+            metadata=done.metadata,
+            source_frames=done.metadata.get("source_frames"),
         )
         filename = f"pastiche-{job.id}.{fitted.extension}"
-        embed.set_image(url=f"attachment://{filename}")
+        if not fitted.video:  # a video plays as the attachment itself, not in the embed
+            embed.set_image(url=f"attachment://{filename}")
 
         def file() -> discord.File:
             return discord.File(io.BytesIO(fitted.data), filename=filename)
@@ -452,13 +487,18 @@ class PasticheCog(commands.Cog, name="Pastiche"):
         log.info("job %s delivered (%s, %d bytes)", job.id, fitted.format, len(fitted.data))
 
 
+_CLIP_FORMATS = {"image/gif": "gif", "image/webp": "webp", "image/png": "png", "video/mp4": "mp4"}
+
+
 def describe_job(job: Job) -> str:
     """One line for /queue."""
     label = job.request.label or "your image"
     if job.position is not None:
         return f"`{job.id}` ({label}): waiting, position {job.position}."
     if job.progress is not None:
-        return f"`{job.id}` ({label}): painting, {job.progress.percent:.0f} % done."
+        frame = job.progress
+        where = f" (frame {frame.frame} of {frame.frames})" if frame.frames > 1 else ""
+        return f"`{job.id}` ({label}): painting, {job.progress.percent:.0f} % done{where}."
     return f"`{job.id}` ({label}): {job.state.value}."
 
 

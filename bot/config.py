@@ -5,7 +5,11 @@ Example (every key optional except a token from somewhere)::
     token = "..."                 # or set DISCORD_TOKEN, which wins over the file
     presets = "styles/"           # folder holding presets.toml (see docs/BOT.md)
     guild_id = 123456789012345678 # sync slash commands to this guild only (instant; for testing)
-    workers = 1                   # worker processes running the engine
+    workers = 1                   # worker processes running the engine (with backend =
+                                  # "celery": the number of GPU workers serving the broker)
+    backend = "local"             # "local" (worker processes on this machine) or "celery"
+    broker = "redis://:PASSWORD@redis:6379/0"  # backend = "celery" only; or set
+                                  # PASTICHE_BROKER_URL, which wins (docs/SCALING.md)
     message_content = false       # privileged intent; only needed to read images in replied-to
                                   # messages that do not themselves mention the bot
     default_preset = ""           # used when a mention names no preset and attaches no style
@@ -19,6 +23,9 @@ Example (every key optional except a token from somewhere)::
     max_size = 2048               # largest output long side a user may ask for
     job_timeout = 900             # seconds before a running job is stopped
     status_interval = 3           # seconds between edits of a job's status message
+    max_frames = 24               # frames of a GIF or video painted (evenly spread over it)
+    animation_size = 256          # long side a GIF or video is painted at
+    max_clip_seconds = 30         # longest GIF or video accepted
 
     [engine]
     backbone = "vgg19"
@@ -28,15 +35,17 @@ Example (every key optional except a token from somewhere)::
     size = 512                    # default output long side
     preview_every = 10            # optimiser steps between previews (0 = none)
     max_memory = "auto"           # peak memory of a job, e.g. "3GB"; larger scales use tiles
+    keep_faces = 0.5              # 0..1, keep faces recognisable (users may change it per job)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,7 +54,9 @@ else:  # pragma: no cover
 
 from core.errors import PasticheError, SettingsError
 from core.images import MAX_PIXELS
-from core.settings import QUALITY_ITERATIONS, Settings
+from core.jobs.broker import BROKER_ENV, BrokerError, normalise_url
+from core.requests import request_settings
+from core.settings import Backbone, Quality, Settings
 
 TOKEN_ENV = "DISCORD_TOKEN"
 CONFIG_ENV = "PASTICHE_BOT_CONFIG"
@@ -68,6 +79,11 @@ class Limits:
     2048 px at standard quality takes a few minutes on two CPU cores, within job_timeout."""
     job_timeout: float = 900.0
     status_interval: float = 3.0
+    max_frames: int = 24
+    """Frames of an animation painted; each costs about what a still of the same size does
+    after the first, so 24 frames at 256 px stay within a few minutes on a CPU."""
+    animation_size: int = 256
+    max_clip_seconds: float = 30.0
 
     @property
     def max_attachment_bytes(self) -> int:
@@ -76,25 +92,29 @@ class Limits:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    backbone: str = "vgg19"
+    backbone: Backbone = "vgg19"
     weights: str | None = None
     device: str = "auto"
-    quality: str = "standard"
+    quality: Quality = "standard"
     size: int = 512
     preview_every: int = 10
     max_memory: str = "auto"
+    keep_faces: float = Settings.keep_faces
+    """A selfie bot keeps faces recognisable by default, as the engine does (see Settings)."""
 
     def base_settings(self) -> Settings:
-        """The Settings every bot job starts from (users may change strength, size, colours)."""
-        return Settings(
-            size=self.size,
-            iterations=QUALITY_ITERATIONS[self.quality],
-            backbone=self.backbone,  # type: ignore[arg-type]
-            weights=self.weights,
-            device=self.device,
-            preview_every=self.preview_every,
-            max_memory=self.max_memory,
-        )
+        """The Settings every bot job starts from (users may change strength, size, colours,
+        keep_faces)."""
+        options = {
+            "size": self.size,
+            "backbone": self.backbone,
+            "weights": self.weights,
+            "device": self.device,
+            "preview_every": self.preview_every,
+            "keep_faces": self.keep_faces,
+            "max_memory": self.max_memory,
+        }
+        return request_settings("discord", options, quality=self.quality)
 
 
 @dataclass(frozen=True)
@@ -107,9 +127,16 @@ class BotConfig:
     default_preset: str | None = None
     limits: Limits = field(default_factory=Limits)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    backend: str = "local"
+    """Where jobs are painted: "local" worker processes, or "celery" workers on other
+    machines reached through ``broker`` (docs/SCALING.md)."""
+    broker: str | None = None
+    """Redis URL of the Celery broker (backend = "celery")."""
 
 
 _TOP = {"token", "presets", "guild_id", "workers", "message_content", "default_preset"}
+_TOP |= {"backend", "broker"}
+BACKENDS = ("local", "celery")
 
 
 def load_config(
@@ -164,19 +191,24 @@ def config_from_dict(
         default_preset=(_opt_str(data, "default_preset") or None),
         limits=limits,
         engine=engine,
+        backend=_opt_str(data, "backend") or "local",
+        broker=env.get(BROKER_ENV) or _opt_str(data, "broker"),
     )
     _check(cfg)
     return cfg
 
 
-def _section(cls: type, raw: Any, name: str) -> Any:
+_Section = TypeVar("_Section", Limits, EngineConfig)
+
+
+def _section(cls: type[_Section], raw: Any, name: str) -> _Section:
     if not isinstance(raw, dict):
         raise ConfigError(f"[{name}] must be a table.")
-    fields = cls.__dataclass_fields__
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
         raise ConfigError(f"Unknown key(s) in [{name}]: {', '.join(unknown)}.")
-    values = {}
+    values: dict[str, Any] = {}
     for key, value in raw.items():
         default = fields[key].default
         where = f"{name}.{key}"
@@ -195,22 +227,33 @@ def _section(cls: type, raw: Any, name: str) -> Any:
 
 def _check(cfg: BotConfig) -> None:
     lim, eng = cfg.limits, cfg.engine
-    for key in ("max_queue", "max_per_user", "max_size", "max_pixels"):
+    for key in ("max_queue", "max_per_user", "max_size", "max_pixels", "max_frames"):
         if getattr(lim, key) < 1:
             raise ConfigError(f"limits.{key} must be at least 1.")
-    for key in ("max_attachment_mb", "job_timeout"):
+    if not 16 <= lim.animation_size <= lim.max_size:
+        raise ConfigError("limits.animation_size must be from 16 to limits.max_size.")
+    for key in ("max_attachment_mb", "job_timeout", "max_clip_seconds"):
         if getattr(lim, key) <= 0:
             raise ConfigError(f"limits.{key} must be positive.")
     if lim.cooldown < 0 or lim.status_interval < 0:
         raise ConfigError("limits.cooldown and limits.status_interval must not be negative.")
-    if eng.quality not in QUALITY_ITERATIONS:
-        raise ConfigError(f"engine.quality must be one of {', '.join(QUALITY_ITERATIONS)}.")
     try:
         eng.base_settings()
     except SettingsError as exc:
         raise ConfigError(f"Bad [engine] setting: {exc}") from None
     if eng.size > lim.max_size:
         raise ConfigError("engine.size must not exceed limits.max_size.")
+    _check_backend(cfg)
+
+
+def _check_backend(cfg: BotConfig) -> None:
+    if cfg.backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}, got {cfg.backend!r}.")
+    if cfg.backend == "celery":
+        try:
+            normalise_url(cfg.broker)
+        except BrokerError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _path(value: str, base: Path) -> Path:

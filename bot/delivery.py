@@ -12,6 +12,7 @@ from typing import Any
 import discord
 from PIL import Image
 
+from core.animation import Animation, encode_animation, load_animation
 from core.images import encode_image, fit_within
 from core.settings import Settings
 
@@ -27,15 +28,37 @@ class Fitted:
     """An encoded image that fits the limit, and what had to be done to it."""
 
     data: bytes
-    format: str  # png | webp | jpeg
+    format: str  # png | webp | jpeg; for animations gif | webp | png | mp4
     width: int
     height: int
     reencoded: bool
     downscaled: bool
+    frames: int = 1
+    dropped_frames: int = 0  # an animation sent with fewer frames than were painted
+    lower_quality: bool = False
 
     @property
     def extension(self) -> str:
         return "jpg" if self.format == "jpeg" else self.format
+
+    @property
+    def video(self) -> bool:
+        return self.format == "mp4"
+
+    def note(self) -> str | None:
+        """What had to give to fit the upload limit, for the embed's footer."""
+        if not self.reencoded:
+            return None
+        if self.frames == 1 and not self.lower_quality:
+            return f"Sent as {self.format.upper()}" + (
+                " at a smaller size" if self.downscaled else ""
+            )
+        changes = ["at a lower quality"] if self.lower_quality else []
+        changes += ["at a smaller size"] if self.downscaled else []
+        if self.dropped_frames:
+            total = self.frames + self.dropped_frames
+            changes.append(f"with {self.frames} of its {total} frames")
+        return "Sent " + ", ".join(changes)
 
 
 def upload_limit(source: Any) -> int:
@@ -75,6 +98,54 @@ def fit_to_limit(png: bytes, limit: int, *, min_side: int = 64) -> Fitted:
         current = fit_within(img, max(min_side, int(longest * factor)))
 
 
+_CLIP_QUALITIES = (90, 75, 60)
+"""Encoder qualities tried at each size: WebP and MP4 (x264 CRF 18, 23, 28) quality; GIF
+palette size (256, 128, 64 colours; see core.animation)."""
+
+
+def fit_animation_to_limit(data: bytes, fmt: str, limit: int, *, min_side: int = 64) -> Fitted:
+    """The clip as is when it fits ``limit`` bytes; otherwise, in this order, a lower encoder
+    quality, then smaller frames (down to half the long side, and never below ``min_side``),
+    then every other frame dropped (each kept frame showing for longer, so the clip keeps its
+    length). Raises ValueError if even two small frames do not fit."""
+    budget = max(1, limit - UPLOAD_MARGIN) if limit > 2 * UPLOAD_MARGIN else limit
+    painted = load_animation(data)
+    width, height = painted.size
+    if len(data) <= budget:
+        return Fitted(data, fmt, width, height, False, False, frames=len(painted))
+    floor = max(min_side, max(painted.size) // 2)
+    current = painted
+    while True:
+        for quality in _CLIP_QUALITIES:
+            encoded = encode_animation(current, fmt, quality=quality)
+            if len(encoded) <= budget:
+                return _fitted_clip(encoded, fmt, current, painted, quality)
+        current = _smaller_clip(current, painted, floor, budget / max(1, len(encoded)))
+
+
+def _smaller_clip(current: Animation, painted: Animation, floor: int, ratio: float) -> Animation:
+    longest = max(current.size)
+    if longest > floor:  # bytes scale about with area: aim for the budget, shrink >= 20 %
+        side = max(floor, int(longest * min(0.8, ratio**0.5)))
+        return painted.decimated(len(current)).resized(side)
+    if len(current) > 2:
+        return current.decimated((len(current) + 1) // 2)
+    raise ValueError("Cannot fit the animation into the upload limit.")
+
+
+def _fitted_clip(
+    data: bytes, fmt: str, sent: Animation, painted: Animation, quality: int
+) -> Fitted:
+    width, height = sent.size
+    if fmt == "mp4":  # H.264 4:2:0 needs even sides; the encoder drops the odd row or column
+        width, height = width - width % 2, height - height % 2
+    return Fitted(
+        data, fmt, width, height, reencoded=True, downscaled=sent.size != painted.size,
+        frames=len(sent), dropped_frames=len(painted) - len(sent),
+        lower_quality=quality < _CLIP_QUALITIES[0],
+    )  # fmt: skip
+
+
 def settings_embed(
     settings: Settings,
     *,
@@ -82,23 +153,45 @@ def settings_embed(
     style_label: str,
     fitted: Fitted | None = None,
     elapsed: float | None = None,
+    metadata: dict[str, Any] | None = None,
+    source_frames: int | None = None,
 ) -> discord.Embed:
-    """An embed listing the settings a painting was made with."""
+    """An embed listing the settings a painting was made with, the faces it kept and the
+    engine's notes (from the result's ``metadata``)."""
     embed = discord.Embed(title=title, colour=discord.Colour.blurple())
     embed.add_field(name="Style", value=style_label or "your image")
     embed.add_field(name="Strength", value=f"{settings.strength:.2f}")
     if fitted is not None:
         embed.add_field(name="Size", value=f"{fitted.width}×{fitted.height}")
     embed.add_field(name="Preserve colours", value=settings.preserve_colors)
+    embed.add_field(name="Faces", value=_faces_text(settings, metadata))
     embed.add_field(name="Iterations", value=str(settings.iterations))
     embed.add_field(name="Network", value=settings.backbone)
     if elapsed is not None:
         embed.add_field(name="Time", value=format_duration(elapsed))
-    if fitted is not None and fitted.reencoded:
-        note = f"Sent as {fitted.format.upper()}"
-        note += " at a smaller size" if fitted.downscaled else ""
+    for note in (metadata or {}).get("notes") or ():
+        embed.add_field(name="Note", value=str(note)[:1024], inline=False)
+    if fitted is not None and fitted.frames > 1:
+        painted = fitted.frames + fitted.dropped_frames
+        value = str(painted)
+        if isinstance(source_frames, int) and source_frames > painted:
+            value = f"{painted} of {source_frames} (evenly spread)"
+        embed.add_field(name="Frames", value=value)
+    note = fitted.note() if fitted is not None else None
+    if note:
         embed.set_footer(text=note + " to fit Discord's upload limit.")
     return embed
+
+
+def _faces_text(settings: Settings, metadata: dict[str, Any] | None) -> str:
+    if settings.keep_faces <= 0:
+        return "painted like the rest"
+    found = ((metadata or {}).get("faces") or {}).get("boxes")
+    if found is None:
+        return f"kept ({settings.keep_faces:.2f})"
+    if not found:
+        return "none found"
+    return f"{len(found)} kept ({settings.keep_faces:.2f})"
 
 
 def format_duration(seconds: float) -> str:

@@ -104,6 +104,8 @@ class JobStatus:
     eta: float | None = None
     preview: bytes | None = None
     message: str = ""  # failure reason or extra note
+    frame: int = 1  # animations: the frame being painted, of ``frames``
+    frames: int = 1
 
     @property
     def terminal(self) -> bool:
@@ -149,6 +151,8 @@ def _description(status: JobStatus, requester: str) -> str:
         elif status.position is not None:
             lines.append(f"Position in the queue: **{status.position}**")
     elif status.state == "running":
+        if status.frames > 1:
+            lines.append(f"Frame {status.frame} of {status.frames}")
         lines.append(f"{progress_bar(status.percent)} {status.percent:.0f} %")
         if status.eta is not None:
             lines.append(f"About {format_duration(status.eta)} left.")

@@ -29,9 +29,13 @@ from typing import Any
 
 from core import __version__, images
 from core.errors import Cancelled, ImageError, PasticheError, SettingsError
-from core.settings import QUALITY_ITERATIONS, Settings
+from core.requests import request_settings
+from core.settings import QUALITIES, QUALITY_ITERATIONS, Settings
+from core.types import AnimationResult, Progress, Result
 
 PROG = "pastiche"
+DISTRIBUTION = "pastiche-paint"
+"""The name on the package index (pyproject.toml); ``pastiche`` there is another project."""
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 # Short help per field; types, defaults and choices come from the dataclass itself.
@@ -46,6 +50,7 @@ FIELD_HELP: dict[str, str] = {
     "style_weight": "weight of the style loss",
     "tv_weight": "weight of the total-variation (smoothness) loss",
     "strength": "0 = stay close to the photo, 1 = mostly style",
+    "keep_faces": "keep faces recognisable: lowers the strength inside faces by this (0 = off)",
     "content_layers": "comma-separated content layers (unset: the backbone's)",
     "style_layers": "comma-separated style layers (unset: the backbone's)",
     "style_layer_weights": "comma-separated weights, one per style layer",
@@ -63,19 +68,23 @@ FIELD_HELP: dict[str, str] = {
     "backbone": "feature network",
     "weights": "local checkpoint file for the backbone (also $PASTICHE_WEIGHTS)",
     "device": "auto, cpu, cuda, cuda:N or mps",
-    "precision": "numeric precision of the convolutions",
+    "precision": "numeric precision of the convolutions (auto: as measured faster here)",
     "channels_last": "channels-last memory layout (unset: where measured faster)",
-    "winograd": "Winograd F(4x4,3x3) convolutions (unset: fp32 on CPU, where measured faster)",
+    "winograd": "Winograd convolutions on CPUs (unset: as measured faster on this machine)",
     "fused_pooling": "fuse each ReLU with the max pool after it (unset: on for the CPU)",
     "preview_every": "with --preview: refresh it every N steps",
     "max_memory": "peak memory of the run, e.g. 2GB or 800MB; scales that need more are painted "
     "in overlapping tiles (auto: half of the free memory)",
+    "temporal_weight": "animations: how strongly each frame follows the last (0: paint each alone)",
+    "frame_iterations": "animations: steps for each frame after the first (unset: --iterations)",
+    "max_frames": "animations: paint at most N frames, evenly spread (unset: every frame)",
 }
 _SKIP_FIELDS = {"extra"}
 _WEIGHT_SUFFIX = re.compile(r"^(?P<path>.+):(?P<weight>[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?)$")
-_DISPATCH = {  # command: (module, pip extra that provides its dependencies)
+_DISPATCH = {  # command: (module whose main(argv) returns the exit status, pip extra it needs)
     "bot": ("bot.__main__", "bot"),
     "helper": ("core.helper.server", "helper"),
+    "worker": ("core.jobs.celery_worker", "celery"),
     "bench": ("benchmarks.bench", None),
 }
 log = logging.getLogger("pastiche")
@@ -119,12 +128,13 @@ def add_settings_options(parser: argparse.ArgumentParser) -> list[str]:
     absent from the namespace). Returns the field names added."""
     group = parser.add_argument_group("settings (defaults from core.settings.Settings)")
     hints = typing.get_type_hints(Settings)
+    defaults = Settings()
     added = []
     for f in dataclasses.fields(Settings):
         if f.name in _SKIP_FIELDS:
             continue
         kind, optional = _field_kind(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = getattr(defaults, f.name)
         help_text = FIELD_HELP.get(f.name, f.name.replace("_", " "))
         if "(unset:" not in help_text:
             help_text += f" (default: {_show_default(default)})"
@@ -167,15 +177,9 @@ def build_settings(ns: argparse.Namespace) -> Settings:
     """Settings from the parsed options; --quality sets iterations unless --iterations is given."""
     names = {f.name for f in dataclasses.fields(Settings)} - _SKIP_FIELDS
     given = {k: v for k, v in vars(ns).items() if k in names}
-    if ns.quality is not None and "iterations" not in given:
-        given["iterations"] = QUALITY_ITERATIONS[ns.quality]
-    if getattr(ns, "preview", None) is None and "preview_every" not in given:
-        given["preview_every"] = 0  # nobody would see the previews
-    given["extra"] = {"frontend": "cli"}
-    try:
-        return Settings(**given)
-    except TypeError as exc:  # pragma: no cover - only if a field type is mis-mapped
-        raise SettingsError(str(exc)) from None
+    if getattr(ns, "preview", None) is None:
+        given.setdefault("preview_every", 0)  # nobody would see the previews
+    return request_settings("cli", given, quality=ns.quality)
 
 
 # ---- parser ----------------------------------------------------------------------------------
@@ -198,16 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
         description="Paint CONTENT in the style of the --style images.",
         epilog="Example: pastiche stylize me.jpg --style starry.jpg:2 --style scream.jpg -o out.png",
     )
-    st.add_argument("content", metavar="CONTENT", help="the photo (PNG, JPEG, WebP, ...)")
+    st.add_argument(
+        "content", metavar="CONTENT",
+        help=f"the photo ({images.accepted_formats()}), or an animation (animated GIF, WebP or "
+        "PNG) or a short video (MP4, MOV, WebM) to paint frame by frame",
+    )  # fmt: skip
     st.add_argument(
         "-s", "--style", action="append", required=True, metavar="PATH[:WEIGHT]",
         help="a style image, optionally with a blend weight; repeat for several styles",
     )  # fmt: skip
     st.add_argument(
-        "-o", "--output", required=True, metavar="OUT", help="output file (.png, .jpg, .webp)"
-    )
+        "-o", "--output", required=True, metavar="OUT",
+        help="output file (.png, .jpg, .webp; for an animation .gif, .webp, .png or .mp4)",
+    )  # fmt: skip
     st.add_argument(
-        "--quality", choices=tuple(QUALITY_ITERATIONS), default=None,
+        "--quality", choices=QUALITIES, default=None,
         help="iteration budget: " + ", ".join(f"{k}={v}" for k, v in QUALITY_ITERATIONS.items())
         + " (an explicit --iterations wins)",
     )  # fmt: skip
@@ -228,6 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     # Front ends parse their own options; these entries exist for --help only (see main()).
     sub.add_parser("bot", help="run the Discord bot (pastiche bot --help)", add_help=False)
     sub.add_parser("helper", help="run the local helper for the GIMP plug-in", add_help=False)
+    sub.add_parser(
+        "worker",
+        help="paint jobs from a Celery broker on this GPU (docs/SCALING.md)",
+        add_help=False,
+    )
     sub.add_parser("gimp", help="pastiche gimp install: install the GIMP 3 plug-in", add_help=False)
     sub.add_parser("bench", help="run the benchmarks (from a source checkout)", add_help=False)
     return parser
@@ -281,9 +295,11 @@ class _ProgressBar:
             self.bar.total = p.total_steps
         self.bar.n = p.step
         loss = p.losses.get("total")
+        frames = getattr(p, "frames", 1)
         self.bar.set_postfix_str(
-            f"scale {p.scale}/{p.scales} {p.width}x{p.height}"
-            + (f" tile {p.tile}/{p.tiles}" if p.tiles > 1 else "")
+            (f"frame {p.frame}/{frames}, " if frames > 1 else "")
+            + f"scale {p.scale}/{p.scales} {p.width}x{p.height}"
+            + (f" tile {p.tile}/{p.tiles}" if getattr(p, "tiles", 1) > 1 else "")
             + (f", loss {loss:.4g}" if loss is not None else "")
             + (f", ETA {_duration(p.eta)}" if p.eta is not None else ""),
             refresh=False,
@@ -303,21 +319,53 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{sec:02d}" if hours else f"{minutes:02d}:{sec:02d}"
 
 
-def cmd_stylize(ns: argparse.Namespace) -> int:
-    settings = build_settings(ns)
-    images.format_for_path(ns.output)  # a typo in -o fails now, not after the painting
+def _is_animation(path: str) -> bool:
+    """Whether CONTENT is an animation or a video (unreadable files: load_image says why)."""
+    from core.animation import probe_animation
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError:
+        return False
+    return probe_animation(data) is not None
+
+
+def _load_styles(specs: list[str]) -> list[tuple[Any, float]]:
+    styles = []
+    for i, spec in enumerate(specs, start=1):
+        path, weight = parse_style(spec)
+        name = "style image" if len(specs) == 1 else f"style image {i}"
+        styles.append((images.load_image(path, name=name), weight))
+    return styles
+
+
+def _check_output(ns: argparse.Namespace, animated: bool) -> None:
+    """A typo in -o fails now, not after the painting."""
+    if animated:
+        from core.animation import format_for_path
+
+        format_for_path(ns.output)
+    else:
+        images.format_for_path(ns.output)
     out_dir = Path(ns.output).parent
     if not out_dir.is_dir():
         raise ImageError(f"Cannot save '{ns.output}': the folder '{out_dir}' does not exist.")
     if ns.preview:
         images.format_for_path(ns.preview)
+
+
+def cmd_stylize(ns: argparse.Namespace) -> int:
+    settings = build_settings(ns)
+    animated = _is_animation(ns.content)
+    _check_output(ns, animated)
     # Load (and so check) every input before the model is built, naming the file in errors.
-    content = images.load_image(ns.content, name="content image")
-    styles = []
-    for i, spec in enumerate(ns.style, start=1):
-        path, weight = parse_style(spec)
-        name = "style image" if len(ns.style) == 1 else f"style image {i}"
-        styles.append((images.load_image(path, name=name), weight))
+    if animated:
+        from core.animation import load_animation
+
+        content: Any = load_animation(ns.content, max_side=settings.size, name="animation")
+    else:
+        content = images.load_image(ns.content, name="content image")
+    styles = _load_styles(ns.style)
     settings = settings.replace(
         extra={
             **settings.extra,
@@ -326,15 +374,11 @@ def cmd_stylize(ns: argparse.Namespace) -> int:
         }
     )
 
-    from core.engine.run import stylize
-
     bar = _ProgressBar(enabled=not ns.quiet, preview=ns.preview)
     start = time.monotonic()
     with _Interrupt() as interrupt:
         try:
-            result = stylize(
-                content, styles, settings, on_progress=bar, should_stop=interrupt.event.is_set
-            )
+            result = _paint(animated, content, styles, settings, bar, interrupt.event.is_set)
         except Cancelled:
             if not interrupt.event.is_set():
                 raise
@@ -342,11 +386,40 @@ def cmd_stylize(ns: argparse.Namespace) -> int:
             return EXIT_INTERRUPTED
         finally:
             bar.close()
-    images.save_image(result.image, ns.output, metadata=result.metadata)
+    seconds = time.monotonic() - start
+    if isinstance(result, AnimationResult):
+        from core.animation import save_animation
+
+        save_animation(result.animation, ns.output, metadata=result.metadata)
+        (w, h), what = result.animation.size, f", {len(result.animation)} frames"
+    else:
+        images.save_image(result.image, ns.output, metadata=result.metadata)
+        (w, h), what = result.image.size, ""
+    for note in result.metadata.get("notes") or ():  # shown even with --quiet: not progress
+        print(f"{PROG}: note: {note}", file=sys.stderr)
     if not ns.quiet:
-        w, h = result.image.size
-        print(f"Saved {ns.output} ({w}x{h}) in {time.monotonic() - start:.1f} s.", file=sys.stderr)
+        print(f"Saved {ns.output} ({w}x{h}{what}) in {seconds:.1f} s.", file=sys.stderr)
     return EXIT_OK
+
+
+def _paint(
+    animated: bool,
+    content: Any,
+    styles: Any,
+    settings: Settings,
+    on_progress: Callable[[Progress], None],
+    should_stop: Callable[[], bool],
+) -> Result | AnimationResult:
+    """The engine's painter of a still or of an animation (imported here: torch loads late)."""
+    if animated:
+        from core.engine import stylize_animation
+
+        return stylize_animation(
+            content, styles, settings, on_progress=on_progress, should_stop=should_stop
+        )
+    from core.engine import stylize
+
+    return stylize(content, styles, settings, on_progress=on_progress, should_stop=should_stop)
 
 
 # ---- weights ---------------------------------------------------------------------------------
@@ -384,7 +457,7 @@ def _dispatch(command: str, module_name: str, extra: str | None, argv: list[str]
             raise PasticheError(
                 f"Cannot run `{PROG} {command}`: {module_name} is missing; it comes with {where}."
             ) from None
-        hint = f" Install it with: pip install 'pastiche[{extra}]'." if extra else ""
+        hint = f" Install it with: pip install '{DISTRIBUTION}[{extra}]'." if extra else ""
         raise PasticheError(
             f"Cannot run `{PROG} {command}`: it needs the Python package '{missing}'.{hint}"
         ) from None

@@ -5,7 +5,8 @@ Everything that enters Pastiche (CLI paths, Discord attachments, GIMP layers) go
 any decoding (decompression bombs), a full decode (truncated uploads fail here, not halfway
 through a job), EXIF orientation (phone selfies are stored sideways), ICC profiles converted to
 sRGB (the networks were trained on sRGB), and every PIL mode reduced to 8-bit RGB or RGBA.
-Pillow only: front ends import this without torch.
+One list of accepted formats (:data:`INPUT_FORMATS`) feeds every front end's messages.
+Pillow and pillow-heif only: front ends import this without torch.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Union, cast
 
+import pillow_heif
 from PIL import Image, ImageCms, ImageFile, ImageOps, PngImagePlugin
 
 from core.errors import ImageError
@@ -34,13 +36,56 @@ MIN_SIDE: int = 16
 METADATA_KEY = "pastiche"
 """PNG text chunk (and JPEG comment prefix) holding the JSON metadata."""
 
+
+@dataclass(frozen=True)
+class InputFormat:
+    """An accepted input format: PIL's name for it, the name users know, its MIME types (as
+    Discord reports them) and file extensions."""
+
+    pil: str
+    label: str
+    mime_types: tuple[str, ...]
+    extensions: tuple[str, ...]
+
+
 # Formats accepted as input. Deliberately short: PIL's EPS reader runs Ghostscript and several
 # exotic decoders see little fuzzing, and none of them matter for photos and paintings.
-# (MPO, the multi-picture JPEG of many phones, is opened by the JPEG plugin.)
+# (MPO, the multi-picture JPEG of many phones, is opened by the JPEG plugin.) HEIC/HEIF, what
+# iPhones save by default, is read through pillow-heif, which applies the HEIF rotation and
+# mirroring and resets the EXIF orientation to match, so orientation and colour profiles are
+# then handled here exactly as for a JPEG.
+pillow_heif.register_heif_opener()
 Image.init()
-_READ_FORMATS = tuple(
-    f for f in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "PPM", "AVIF") if f in Image.OPEN
+_FORMATS = (
+    InputFormat("PNG", "PNG", ("image/png",), (".png",)),
+    InputFormat("JPEG", "JPEG", ("image/jpeg", "image/jpg"), (".jpg", ".jpeg", ".jpe")),
+    InputFormat(
+        "HEIF",
+        "HEIC",
+        ("image/heic", "image/heif", "image/heic-sequence", "image/heif-sequence"),
+        (".heic", ".heif", ".hif"),
+    ),
+    InputFormat("WEBP", "WebP", ("image/webp",), (".webp",)),
+    InputFormat("AVIF", "AVIF", ("image/avif",), (".avif",)),
+    InputFormat("GIF", "GIF", ("image/gif",), (".gif",)),
+    InputFormat("BMP", "BMP", ("image/bmp", "image/x-ms-bmp"), (".bmp",)),
+    InputFormat("TIFF", "TIFF", ("image/tiff",), (".tif", ".tiff")),
+    InputFormat("PPM", "PPM", ("image/x-portable-pixmap",), (".ppm", ".pgm", ".pbm", ".pnm")),
 )
+INPUT_FORMATS: tuple[InputFormat, ...] = tuple(f for f in _FORMATS if f.pil in Image.OPEN)
+"""What every front end accepts (the CLI, the bot and the GIMP helper all read through
+:func:`load_image`); only the formats this Pillow can open."""
+_READ_FORMATS = tuple(f.pil for f in INPUT_FORMATS)
+ACCEPTED_MIME_TYPES: dict[str, str] = {m: f.label for f in INPUT_FORMATS for m in f.mime_types}
+ACCEPTED_EXTENSIONS: frozenset[str] = frozenset(e for f in INPUT_FORMATS for e in f.extensions)
+
+
+def accepted_formats(conjunction: str = "or") -> str:
+    """The accepted formats for a user-facing sentence: "PNG, JPEG, HEIC, ... or PPM"."""
+    labels = [f.label for f in INPUT_FORMATS]
+    return ", ".join(labels[:-1]) + f" {conjunction} {labels[-1]}" if len(labels) > 1 else labels[0]
+
+
 _WRITE_FORMATS = {"png": "PNG", "jpg": "JPEG", "jpeg": "JPEG", "webp": "WEBP"}
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError)
 _SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
@@ -148,7 +193,7 @@ def _open(source: ImageInput, name: str) -> tuple[ImageFile.ImageFile, str]:
             other = probe.format
     except Exception:  # noqa: BLE001 - only used to improve the message
         other = None
-    accepted = "PNG, JPEG, WebP, GIF, BMP, TIFF"
+    accepted = accepted_formats()
     if other:
         raise ImageError(
             f"{subject} is in {other} format, which Pastiche does not accept; use {accepted}."
@@ -175,6 +220,15 @@ def _reason(exc: BaseException) -> str:
 
 
 # ---- mode, orientation and colour ------------------------------------------------------------
+def normalize(img: Image.Image, *, name: str = "image") -> Image.Image:
+    """An already decoded image (an animation's frame) made upright, sRGB, 8-bit RGB or RGBA:
+    what :func:`load_image` does after decoding."""
+    try:
+        return _normalize(img, f"The {name}")
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"The {name} could not be converted to RGB ({_reason(exc)}).") from None
+
+
 def _normalize(img: Image.Image, subject: str) -> Image.Image:
     icc = img.info.get("icc_profile")
     img = _upright(img)
@@ -216,8 +270,7 @@ def _to_8bit(img: Image.Image, subject: str) -> Image.Image:
     if mode.startswith("I;16") or mode in ("I", "F"):
         return _grey_to_8bit(img)
     if mode == "LAB":
-        lab = ImageCms.createProfile("LAB")
-        return ImageCms.profileToProfile(img, lab, _SRGB, outputMode="RGB")
+        return _convert_profile(img, ImageCms.createProfile("LAB"))
     try:
         return img.convert("RGB")
     except ValueError:
@@ -236,7 +289,8 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
     if img.mode.startswith("I;16"):
         lo, hi = 0.0, 65535.0
     else:
-        lo, hi = (float(v) for v in img.convert("F").getextrema())
+        extrema = cast(tuple[float, float], img.convert("F").getextrema())  # one band
+        lo, hi = (float(v) for v in extrema)
         if img.mode == "F" and 0.0 <= lo and hi <= 1.0:
             lo, hi = 0.0, 1.0
         elif 0.0 <= lo and hi <= 255.0:
@@ -246,6 +300,12 @@ def _grey_to_8bit(img: Image.Image) -> Image.Image:
     scale = 255.0 / (hi - lo) if hi > lo else 1.0
     # F -> L truncates and clips, so add 0.5 to round.
     return img.convert("F").point(lambda v: (v - lo) * scale + 0.5).convert("L")
+
+
+def _converted(img: Image.Image | None) -> Image.Image:
+    """ImageCms returns None only for in-place conversions, which are not used here."""
+    assert img is not None
+    return img
 
 
 def _to_srgb(img: Image.Image, icc: bytes, subject: str) -> Image.Image:
@@ -267,12 +327,22 @@ def _to_srgb(img: Image.Image, icc: bytes, subject: str) -> Image.Image:
     alpha = img.getchannel("A") if img.mode in ("LA", "RGBA") else None
     base = img.convert({"LA": "L", "RGBA": "RGB"}.get(img.mode, img.mode)) if alpha else img
     try:
-        out = ImageCms.profileToProfile(base, profile, _SRGB, outputMode="RGB")
+        out = _convert_profile(base, profile)
     except (ImageCms.PyCMSError, OSError, ValueError) as exc:
         log.warning("%s: ICC conversion failed, assuming sRGB: %s", subject, exc)
         return img
     if alpha is not None:
         out.putalpha(alpha)
+    return out
+
+
+def _convert_profile(
+    img: Image.Image, profile: ImageCms.ImageCmsProfile | ImageCms.core.CmsProfile
+) -> Image.Image:
+    """``img`` from ``profile`` to sRGB, as a new RGB image."""
+    out = ImageCms.profileToProfile(img, profile, _SRGB, outputMode="RGB")
+    if out is None:  # Pillow returns None only for inPlace=True, which this never asks for
+        raise ValueError("the colour conversion returned no image")
     return out
 
 
@@ -377,6 +447,12 @@ def save_image(
     a half-written file under ``path``."""
     fmt = format_for_path(path)
     data = encode_image(img, fmt, metadata=metadata)
+    write_atomically(path, data)
+
+
+def write_atomically(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename, so
+    an interrupted save never leaves a half-written file under ``path``."""
     target = Path(path)
     folder = target.parent if str(target.parent) else Path(".")
     if not folder.is_dir():
@@ -415,7 +491,7 @@ def read_metadata(source: bytes | str | os.PathLike[str]) -> dict[str, Any] | No
                 # the image) when it is not there.
                 text = img.info.get(METADATA_KEY)
                 if text is None and img.width * img.height <= MAX_PIXELS:
-                    text = img.text.get(METADATA_KEY)  # type: ignore[attr-defined]
+                    text = img.text.get(METADATA_KEY)
             else:
                 comment = img.info.get("comment", b"")
                 prefix = f"{METADATA_KEY}:".encode()

@@ -13,27 +13,58 @@ Sources of the defaults (never tuned on random weights):
   style scale factor 1, L-BFGS with history 10 and one evaluation per step.
 * [neural-style] jcjohnson/neural-style: 512 px output, L-BFGS by default, Adam as the low
   memory alternative, seeded runs.
+* [Gatys 2017] Gatys, Ecker, Bethge, Hertzmann, Shechtman, *Controlling Perceptual Factors in
+  Neural Style Transfer* (CVPR 2017): spatial control, each loss term guided by a mask
+  resampled to every layer's resolution.
+* [Ruder] Ruder, Dosovitskiy, Brox, *Artistic style transfer for videos* (GCPR 2016) and its
+  code, manuelruder/artistic-videos (content 5, style 100, temporal 1000, TV 1e-3 at 450x350,
+  2000 iterations for the first frame and 1000 for each later one).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from core.byte_sizes import parse_bytes
 from core.errors import SettingsError
 
+# The allowed values of each choice, written once: the type hints below, and through
+# typing.get_args() the validation in _check, the CLI's choices and the helper's options.
 Optimizer = Literal["lbfgs", "adam"]
 Init = Literal["content", "noise", "image"]
 Blend = Literal["gram", "loss"]
 PreserveColors = Literal["none", "luminance", "stats"]
 Precision = Literal["auto", "fp32", "bf16"]
 Backbone = Literal["vgg19", "vgg19-caffe", "squeezenet", "random"]
+Quality = Literal["draft", "standard", "high"]
 
-BACKBONES: tuple[str, ...] = ("vgg19", "vgg19-caffe", "squeezenet", "random")
-QUALITY_ITERATIONS: dict[str, int] = {"draft": 8, "standard": 20, "high": 100}
+_RUDER_TEMPORAL, _RUDER_TV, _RUDER_VALUES = 1e3, 1e-3, 3 * 450 * 350
+TEMPORAL_WEIGHT: float = round(2.0 * 2 * _RUDER_TEMPORAL / (_RUDER_TV * _RUDER_VALUES), 2)
+"""8.47: [Ruder]'s temporal weight carried over to this project's loss scaling through the
+total-variation term, the one other term that is, like the temporal loss, a quadratic penalty on
+pixel values, so the ratio of the two transfers exactly whatever the colour scale (0-255 there,
+0-1 here; both sides scale by 255^2). Their temporal loss is ``gamma / D * sum(c * d^2)`` (a mean
+over the D = 3 * H * W values, gamma = 1000) and their TV is ``lambda / 2 * sum(dx^2 + dy^2)`` (a
+sum, lambda = 1e-3); ours are ``w / D * sum(c * d^2)`` and ``tv_weight * mean(dx^2 + dy^2)`` (the
+nine-point stencil of TVLoss equals that mean for a smooth image), tv_weight = 2. Equal ratios
+give ``w = tv_weight * 2 * gamma / (lambda * D)`` at their working size of 450x350 (their TV,
+a sum, grows with the image, so the ratio is only defined at a size; ours is a mean and holds at
+every size). This assumes each project's TV weight plays the same part next to its content and
+style terms, which is what both were chosen for (a light smoothing)."""
+
+OPTIMIZERS: tuple[Optimizer, ...] = typing.get_args(Optimizer)
+INITS: tuple[Init, ...] = typing.get_args(Init)
+BLENDS: tuple[Blend, ...] = typing.get_args(Blend)
+COLOUR_MODES: tuple[PreserveColors, ...] = typing.get_args(PreserveColors)
+PRECISIONS: tuple[Precision, ...] = typing.get_args(Precision)
+BACKBONES: tuple[Backbone, ...] = typing.get_args(Backbone)
+QUALITIES: tuple[Quality, ...] = typing.get_args(Quality)
+
+QUALITY_ITERATIONS: dict[Quality, int] = {"draft": 8, "standard": 20, "high": 100}
 """Iterations at the final scale per quality tier (coarser scales get twice as many).
 
 The ratio of first-scale to later-scale iterations is crowsonkb's 1000:500. The absolute numbers
@@ -70,6 +101,16 @@ class Settings:
     strength: float = 0.5
     """Front-end knob in [0, 1]: 0.5 keeps the weights above; every 0.5 away from it scales
     the content weight by 10x (0 = stay close to the photo, 1 = mostly style)."""
+    keep_faces: float = 0.5
+    """Keep faces recognisable, in [0, 1]: under a soft mask over the faces found in the photo
+    (core/faces.py) the content-to-style ratio grows 10x per 0.5 (content weight x10^k, style
+    weight x10^-k through guided Gram matrices), so faces are painted as if ``strength`` were
+    lower by this much [Gatys 2017: spatial guidance of the content and style terms]. 0 = off;
+    with no face found nothing changes. Default 0.5 because Pastiche is a selfie tool and a
+    dissolving face is the complaint portrait users of style transfer make most ("nose/eyes etc
+    disappear", HalbertCH/IEContraAST#3, where the maintainer's advice is a higher content
+    weight): at the default strength a face is then painted as at strength 0, the "stay close
+    to the photo" end of the scale, and the rest of the picture is still fully styled."""
 
     content_layers: tuple[str, ...] | None = None
     """None = the backbone's default (VGG19: relu4_2, i.e. conv4_2 after its ReLU [Gatys])."""
@@ -112,13 +153,15 @@ class Settings:
     device: str = "auto"
     """auto (cuda, then mps, then cpu), or any torch device string."""
     precision: Precision = "auto"
-    """bf16 autocast for convolutions where measured faster (see benchmarks/); Gram matrices
-    and losses always in fp32."""
+    """bf16 autocast for the convolutions, or fp32; Gram matrices and losses always in fp32.
+    ``auto``: whichever a short probe measured faster on this machine at the same accuracy
+    (core/engine/autotune.py; once per machine and torch version, then cached)."""
     channels_last: bool | None = None
     """None = on where measured faster."""
     winograd: bool | None = None
-    """3x3 convolutions by Winograd's F(4x4, 3x3) (core/winograd.py): fewer multiplies, same
-    result up to fp32 rounding. None = on for fp32 on CPU, where it measured faster."""
+    """3x3 convolutions by Winograd's algorithm on CPUs (core/engine/cpu/winograd.py): F(4x4,
+    3x3) in fp32, fewer multiplies, same result up to fp32 rounding; F(2x2, 3x3) in bf16.
+    None = as the probe measured faster on this machine (see ``precision``)."""
     fused_pooling: bool | None = None
     """Each ReLU before a max pool fused with it (core/fusion.py): same result, less memory
     and time in the backward pass. None = on for the CPU (the only device it is made for)."""
@@ -129,6 +172,19 @@ class Settings:
     or ``auto``: what the process holds plus half of the memory available when the run starts
     (RAM; GPU memory on CUDA). A scale the memory model (core/engine/memory_model.py, measured)
     predicts to need more is painted in overlapping tiles; below it nothing changes."""
+
+    temporal_weight: float = TEMPORAL_WEIGHT
+    """Animations: weight of [Ruder]'s temporal loss, which keeps each frame after the first
+    close to the previous painted frame carried along the optical flow, on the pixels where the
+    flow is trusted; 0 paints every frame on its own (flickers). Default: see TEMPORAL_WEIGHT."""
+    frame_iterations: int | None = None
+    """Animations: steps for each frame after the first, at the output size only (they start
+    from the previous painting carried along the flow, so they need no pyramid); None =
+    ``iterations``, half of the first frame's pyramid measured in full-size steps [Ruder: 1000
+    after a first frame of 2000]."""
+    max_frames: int | None = None
+    """Animations: paint at most this many frames, evenly spread over the clip (dropped frames'
+    time goes to the kept ones); None = every frame, up to the reader's hard limit."""
 
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     """Free-form notes carried into the output metadata (front end, preset name)."""
@@ -142,6 +198,11 @@ class Settings:
         return (
             self.initial_iterations if self.initial_iterations is not None else 2 * self.iterations
         )
+
+    @property
+    def later_frame_iterations(self) -> int:
+        """Steps for each animation frame after the first."""
+        return self.iterations if self.frame_iterations is None else self.frame_iterations
 
     @property
     def effective_content_weight(self) -> float:
@@ -212,6 +273,16 @@ def _float_in(s: Settings, name: str, lo: float, hi: float) -> None:
         raise SettingsError(f"{name} must be between {lo:g} and {hi:g}, got {value:g}.")
 
 
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Each ``Literal``-typed field and its allowed values, read from the type hints."""
+    hints = typing.get_type_hints(Settings)
+    return {
+        name: typing.get_args(hint)
+        for name, hint in hints.items()
+        if typing.get_origin(hint) is Literal
+    }
+
+
 def _choice(s: Settings, name: str, options: tuple[str, ...]) -> None:
     value = getattr(s, name)
     if value not in options:
@@ -235,17 +306,41 @@ def _check_memory(value: object) -> None:
 
 
 def _check(s: Settings) -> None:
+    for name, options in _CHOICES.items():
+        _choice(s, name, options)
+    _check_ranges(s)
+    _check_layers(s)
+    _check_switches(s)
+
+
+def _check_ranges(s: Settings) -> None:
     _int_in(s, "size", 16, 8192)
     _int_in(s, "iterations", 0, 100_000)
     if s.initial_iterations is not None:
         _int_in(s, "initial_iterations", 0, 100_000)
-    _choice(s, "optimizer", ("lbfgs", "adam"))
     _float_in(s, "learning_rate", 1e-6, 10.0)
     _int_in(s, "lbfgs_history", 1, 1000)
     _float_in(s, "content_weight", 0.0, 1e9)
     _float_in(s, "style_weight", 0.0, 1e9)
     _float_in(s, "tv_weight", 0.0, 1e9)
     _float_in(s, "strength", 0.0, 1.0)
+    if s.style_depth is not None:
+        _int_in(s, "style_depth", 1, 64)
+    _float_in(s, "style_scale", 0.05, 8.0)
+    _int_in(s, "seed", 0, 2**63 - 1)
+    _int_in(s, "min_size", 16, 8192)
+    _float_in(s, "early_stop", 0.0, 1.0)
+    _int_in(s, "patience", 1, 10_000)
+    _int_in(s, "preview_every", 0, 100_000)
+    _float_in(s, "keep_faces", 0.0, 1.0)
+    _float_in(s, "temporal_weight", 0.0, 1e9)
+    if s.frame_iterations is not None:
+        _int_in(s, "frame_iterations", 0, 100_000)
+    if s.max_frames is not None:
+        _int_in(s, "max_frames", 1, 100_000)
+
+
+def _check_layers(s: Settings) -> None:
     for name in ("content_layers", "style_layers"):
         layers = getattr(s, name)
         if layers is not None and (not layers or not all(isinstance(x, str) and x for x in layers)):
@@ -256,32 +351,24 @@ def _check(s: Settings) -> None:
             raise SettingsError("style_layer_weights must be non-negative and not all zero.")
         if s.style_layers is not None and len(weights) != len(s.style_layers):
             raise SettingsError("style_layer_weights needs one weight per style layer.")
-    if s.style_depth is not None:
-        _int_in(s, "style_depth", 1, 64)
-    _choice(s, "style_blend", ("gram", "loss"))
-    _float_in(s, "style_scale", 0.05, 8.0)
-    _choice(s, "init", ("content", "noise", "image"))
+
+
+def _check_switches(s: Settings) -> None:
+    """Paths, the device string, on/off/unset flags and ``extra``."""
     if s.init == "image" and not s.init_image:
         raise SettingsError('init "image" needs init_image (a path).')
-    _int_in(s, "seed", 0, 2**63 - 1)
     if not isinstance(s.pyramid, bool):
         raise SettingsError("pyramid must be true or false.")
-    _int_in(s, "min_size", 16, 8192)
-    _float_in(s, "early_stop", 0.0, 1.0)
-    _int_in(s, "patience", 1, 10_000)
-    _choice(s, "preserve_colors", ("none", "luminance", "stats"))
-    _choice(s, "backbone", BACKBONES)
     if s.weights is not None and not isinstance(s.weights, str):
         raise SettingsError("weights must be a file path.")
     if not isinstance(s.device, str) or not s.device:
         raise SettingsError("device must be auto, cpu, cuda, cuda:N or mps.")
-    _choice(s, "precision", ("auto", "fp32", "bf16"))
-    if s.channels_last is not None and not isinstance(s.channels_last, bool):
-        raise SettingsError("channels_last must be true, false or unset.")
-    for name in ("winograd", "fused_pooling"):
+    for name in ("channels_last", "winograd", "fused_pooling"):
         if getattr(s, name) is not None and not isinstance(getattr(s, name), bool):
             raise SettingsError(f"{name} must be true, false or unset.")
-    _int_in(s, "preview_every", 0, 100_000)
     _check_memory(s.max_memory)
     if not isinstance(s.extra, dict):
         raise SettingsError("extra must be a mapping.")
+
+
+_CHOICES = _choices()

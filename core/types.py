@@ -12,6 +12,7 @@ from typing import Any, Union
 
 from PIL import Image
 
+from core.animation import Animation
 from core.settings import Settings
 
 ImageInput = Union[str, "os.PathLike[str]", bytes, Image.Image]  # noqa: UP007 (runtime alias)
@@ -38,6 +39,8 @@ class Progress:
     preview: Image.Image | None = None  # small RGB preview every settings.preview_every steps
     tile: int = 1  # 1-based tile of a scale painted in tiles (see core/engine/tiled.py)
     tiles: int = 1  # tiles of this scale (1: painted whole)
+    frame: int = 1  # animations: 1-based frame being painted (step/total_steps span the clip)
+    frames: int = 1
 
     @property
     def percent(self) -> float:
@@ -49,5 +52,14 @@ class Result:
     """The painting (RGB, or RGBA when the content had alpha) and how it was made."""
 
     image: Image.Image
+    settings: Settings
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AnimationResult:
+    """The painted frames with the input's timing and loop count, and how they were made."""
+
+    animation: Animation
     settings: Settings
     metadata: dict[str, Any] = field(default_factory=dict)

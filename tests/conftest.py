@@ -4,7 +4,8 @@ images made on the fly (tests never use the sample images or real weights)."""
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,25 @@ from PIL import Image
 
 from core.engine.backbones import random_state_dict
 from core.settings import Settings
+
+
+@pytest.fixture(scope="session", autouse=True)
+def speed_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The engine's speed measurements for this session, never the user's cache: the first
+    run that needs them probes this machine once (core/engine/autotune.py), every later run
+    and every spawned worker (which inherits the environment) reads them."""
+    from core.engine import autotune
+
+    path = tmp_path_factory.mktemp("speed") / "speed.json"
+    saved = os.environ.get(autotune.ENV_VAR)
+    os.environ[autotune.ENV_VAR] = str(path)
+    autotune.forget()
+    yield path
+    if saved is None:
+        os.environ.pop(autotune.ENV_VAR, None)
+    else:
+        os.environ[autotune.ENV_VAR] = saved
+    autotune.forget()
 
 
 @pytest.fixture(scope="session")

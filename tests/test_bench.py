@@ -113,3 +113,29 @@ def test_entry_points_parse_arguments(entry: list[str]) -> None:
         [sys.executable, *entry, "--sizes", "x"], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 2 and "--sizes takes whole numbers" in out.stderr
+
+
+def test_gpu_check_says_clearly_when_there_is_no_cuda(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+
+    from benchmarks import gpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu.main([]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDA device" in err and "--device cpu" in err
+
+
+def test_gpu_check_runs_every_variant(capsys: pytest.CaptureFixture[str]) -> None:
+    """The GPU check's code on the CPU at a tiny size: a row per variant, each with the path
+    the engine ran and why (bf16 forced, fp32 forced, or the measured choice)."""
+    from benchmarks import gpu
+
+    args = ["--device", "cpu", "--sizes", "32", "--steps", "1", "--warmup", "1", "--no-compile"]
+    assert gpu.main(args) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if " steps/s " in line]
+    assert len(rows) == len(gpu.VARIANTS) - len(gpu.COMPILED)
+    assert "ran bf16 (forced)" in rows[1] and "ran fp32 (forced)" in rows[2]
+    assert "(cached from" in rows[0] or "(measured" in rows[0]

@@ -1,5 +1,9 @@
 """The cog end to end: mocked Discord objects, the real job runner with a real worker process and
-the random-weight VGG19 on tiny images. Nothing here talks to Discord."""
+the random-weight VGG19 on tiny images. Nothing here talks to Discord.
+
+The tests that need a runner run twice: with the local backend (a spawned worker process) and
+with the Celery backend (a real redis-server and a real ``pastiche worker`` with the same
+random-weight checkpoint)."""
 
 from __future__ import annotations
 
@@ -25,9 +29,12 @@ from bot.cog import CRASH, HELP, PasticheCog
 from bot.config import BotConfig, Limits
 from bot.origin import InteractionOrigin
 from bot.views import NOT_YOURS, TEMPLATE, CancelButton
+from core.images import read_metadata
 from core.jobs import JobState, ProgressUpdate, Runner, RunnerConfig
+from core.jobs.celery_backend import CeleryBackend
 from core.presets import load_presets
 
+from .celery_procs import Stack, celery_stack
 from .conftest import image_bytes
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -131,10 +138,33 @@ def last_embed(message: FakeMessage) -> discord.Embed:
 
 
 # ---- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module", params=["local", "celery"])
+def painters(request, vgg19_checkpoint: Path, tmp_path_factory):
+    """Where jobs are painted: None for local worker processes, else a Redis + worker stack."""
+    if request.param == "local":
+        yield None
+        return
+    args = ("--weights", str(vgg19_checkpoint), "--device", "cpu")
+    with celery_stack(tmp_path_factory.mktemp("celery"), 1, *args) as stack:
+        yield stack
+
+
+def make_runner(config: RunnerConfig, painters: Stack | None) -> Runner:
+    backend = None if painters is None else CeleryBackend(config, painters.url)
+    return Runner(config, backend=backend)
+
+
+def worker_pids(runner: Runner, painters: Stack | None) -> list[int]:
+    """The pids of the processes that paint (for Celery: the workers' children)."""
+    if painters is None:
+        return runner.backend.pids
+    return sorted(painters.child_pids().values())
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def runner():
+async def runner(painters):
     config = RunnerConfig(workers=1, max_queue=2, max_per_owner=2, job_timeout=120, stop_grace=2.0)
-    r = Runner(config)  # started by the first test that submits a job
+    r = make_runner(config, painters)  # started by the first test that submits a job
     yield r
     try:
         assert r.queue_length == 0 and not r.running, "a test left a job behind"
@@ -273,11 +303,126 @@ async def test_stylize_happy_path(make_cog, tiny_settings) -> None:
     img = image_of(file)
     assert img.format == "PNG" and max(img.size) == 32
     file.fp.seek(0)
-    assert len(file.fp.read()) <= 8 * MiB
+    png = file.fp.read()
+    assert len(png) <= 8 * MiB
+    assert read_metadata(png)["extra"]["front_end"] == "discord"
     fields = {f.name: f.value for f in result.kwargs["embed"].fields}
     assert fields["Style"] == "your image" and fields["Strength"] == "0.30"
     assert fields["Preserve colours"] == "luminance" and fields["Size"] == "32×24"
     assert str(inter.user.id) in result.content
+
+
+@pytest.mark.slow
+async def test_a_heic_selfie_keeps_its_face_and_a_panorama_gets_a_note(make_cog) -> None:
+    """/stylize takes an iPhone HEIC (the CLI's loader), passes keep_faces on, and the result's
+    embed says how many faces were kept; a thin panorama is painted larger, with a note."""
+    from skimage import data
+
+    cog = make_cog()
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).crop((103, 16, 343, 256)).save(buf, "HEIF", quality=90)
+    inter = FakeInteraction(limit=8 * MiB)
+    photo = attachment(inter.log, buf.getvalue(), "IMG_0001.HEIC", "image/heic")
+    style = attachment(inter.log, image_bytes(width=32, height=32, seed=2), "art.png")
+    await stylize(cog, inter, photo=photo, style=style, keep_faces=0.8)
+    await settle(cog)
+    fields = {f.name: f.value for f in inter.followup_sender.messages[-1].kwargs["embed"].fields}
+    assert fields["Faces"] == "1 kept (0.80)" and "Note" not in fields
+
+    inter = FakeInteraction(limit=8 * MiB)
+    photo = attachment(inter.log, image_bytes(width=400, height=20, seed=1), "pano.png")
+    style = attachment(inter.log, image_bytes(width=32, height=32, seed=2), "art.png")
+    await stylize(cog, inter, photo=photo, style=style)
+    await settle(cog)
+    result = inter.followup_sender.messages[-1]
+    fields = {f.name: f.value for f in result.kwargs["embed"].fields}
+    assert fields["Faces"] == "none found" and fields["Size"] == "320×16"
+    assert "very thin (400x20)" in fields["Note"] and "320x16" in fields["Note"]
+
+
+async def test_gif_comes_back_animated_with_frame_progress(make_cog, tiny_settings) -> None:
+    """A GIF attached to /stylize: painted frame by frame by the real engine (at most
+    max_frames of them), "Frame i of n" in the status, and an animated GIF back with the
+    clip's timing; fitted to the upload limit with fewer frames or a smaller size, saying so."""
+    from core.animation import Animation, encode_animation, load_animation
+
+    from .test_animation import moving_frames
+
+    settings = tiny_settings(size=32, min_size=32, iterations=2, frame_iterations=1)
+    cog = make_cog(settings=settings, max_frames=3, animation_size=32)
+    gif = encode_animation(Animation(moving_frames(5, (64, 48)), [80] * 5, loop=0), "gif")
+    inter = FakeInteraction(limit=25 * MiB)
+    photo = attachment(inter.log, gif, "clip.gif", "image/gif")
+    style = attachment(inter.log, image_bytes(width=32, height=32, seed=2), "art.png")
+    await stylize(cog, inter, photo=photo, style=style)
+    await settle(cog)
+    status = status_message(inter)
+    descriptions = [e["embed"].description for e in status.edits]
+    # Which frames show depends on the status throttle (one edit per interval): any of them will do.
+    assert any(f"Frame {i} of 3" in d for d in descriptions for i in (1, 2, 3)), descriptions
+    assert status.edits[-1]["embed"].title == "Finished"
+    result = inter.followup_sender.messages[-1]
+    (file,) = files_of(result)
+    file.fp.seek(0)
+    clip = load_animation(file.fp.read())
+    assert file.filename.endswith(".gif") and len(clip) == 3 and clip.size == (32, 24)
+    assert clip.duration_ms == 400 and clip.loop == 0  # the clip's length, fewer frames
+    fields = {f.name: f.value for f in result.kwargs["embed"].fields}
+    assert fields["Frames"] == "3 of 5 (evenly spread)" and fields["Size"] == "32×24"
+    assert result.kwargs["embed"].image.url == f"attachment://{file.filename}"
+
+
+@pytest.mark.slow
+async def test_video_by_mention_comes_back_as_mp4_within_a_small_limit(make_cog, tiny_settings):
+    from core.animation import Animation, encode_animation, load_animation
+
+    from .test_animation import moving_frames
+
+    settings = tiny_settings(size=32, min_size=32, iterations=2, frame_iterations=1)
+    cog = make_cog(settings=settings, max_frames=4, animation_size=32)
+    mp4 = encode_animation(Animation(moving_frames(4, (64, 48)), [100] * 4), "mp4")
+    log: list[str] = []
+    video = attachment(log, mp4, "clip.mp4", "video/mp4")
+    style = attachment(log, image_bytes(width=32, height=32, seed=2), "art.png")
+    msg, replies, _ = message(f"<@{BOT_ID}> paint this", [video, style])
+    await cog.on_message(msg)
+    await settle(cog)
+    status, result = replies.messages
+    assert status.edits[-1]["embed"].title == "Finished"
+    file = result.kwargs["file"]
+    file.fp.seek(0)
+    clip = load_animation(file.fp.read())
+    assert file.filename.endswith(".mp4") and len(clip) == 4 and clip.duration_ms == 400
+    assert result.kwargs["embed"].image.url is None  # the video plays as the attachment
+
+
+async def test_animation_over_the_limit_is_sent_smaller_saying_so(make_cog, tiny_settings):
+    from bot.status import JobStatus
+    from core.animation import Animation, encode_animation, load_animation
+    from core.jobs import Done
+
+    from .test_animation import moving_frames
+
+    cog = make_cog()
+    gif = encode_animation(Animation(moving_frames(8, (128, 96)), [50] * 8), "gif")
+    limit = len(gif) // 12
+    inter = FakeInteraction(limit=limit)
+    status = JobStatus(job_id="j2", label="waves", state="running")
+    done = Done("j2", gif, {"source_frames": 8}, 128, 96, "image/gif", 8)
+    await cog._deliver(SimpleNamespace(id="j2"), done, InteractionOrigin(inter), status,
+                       tiny_settings(), 1.0)  # fmt: skip
+    assert status.state == "done", status.message
+    result = inter.followup_sender.messages[-1]
+    file = result.kwargs["file"]
+    file.fp.seek(0)
+    data = file.fp.read()
+    clip = load_animation(data)
+    assert len(data) <= limit and clip.duration_ms == 400 and max(clip.size) < 128
+    footer = result.kwargs["embed"].footer.text
+    assert footer.startswith("Sent ") and footer.endswith("to fit Discord's upload limit.")
+    assert "at a smaller size" in footer
+    if len(clip) < 8:
+        assert f"with {len(clip)} of its 8 frames" in footer
 
 
 @pytest.mark.slow
@@ -385,7 +530,7 @@ BAD_UPLOADS = [
     ({"preset": "nope"}, "no style preset called 'nope'"),
     ({"preset": "waves", "style": ("s.png", "image/png", image_bytes())}, "not both"),
     ({"style": None}, "Attach a style image or choose a preset"),
-    ({"preset": "waves", "size": 2048}, "largest size"),
+    ({"preset": "waves", "size": 2049}, "largest size"),
 ]
 
 
@@ -411,13 +556,15 @@ async def test_bad_requests_get_a_clear_ephemeral_answer(make_cog, runner, optio
 
 
 @pytest.mark.slow
-async def test_worker_crash_is_reported_and_the_bot_carries_on(make_cog, tiny_settings, runner):
+async def test_worker_crash_is_reported_and_the_bot_carries_on(
+    make_cog, tiny_settings, runner, painters
+):
     cog = make_cog(settings=tiny_settings(size=32, min_size=32, iterations=5000))
     inter = FakeInteraction()
     await stylize(cog, inter, **both(inter.log))
     (job,) = runner.jobs_of(str(inter.user.id))
     await asyncio.wait_for(until(job, ProgressUpdate), WAIT)
-    (pid,) = runner.backend.pids
+    (pid,) = worker_pids(runner, painters)
     os.kill(pid, signal.SIGKILL)
     await settle(cog)
     final = status_message(inter).edits[-1]["embed"]
@@ -428,7 +575,7 @@ async def test_worker_crash_is_reported_and_the_bot_carries_on(make_cog, tiny_se
     await stylize(cog, again, **both(again.log))
     await settle(cog)
     assert image_of(files_of(again.followup_sender.messages[-1])[0]).format == "PNG"
-    assert runner.backend.pids and runner.backend.pids != [pid]
+    assert worker_pids(runner, painters) and worker_pids(runner, painters) != [pid]
 
 
 @pytest.mark.slow
@@ -584,8 +731,10 @@ async def test_unhandled_command_errors_are_reported(make_cog, caplog) -> None:
 
 
 @pytest.mark.slow
-async def test_shutdown_tells_users_their_jobs_were_cancelled(presets, tiny_settings) -> None:
-    own = Runner(RunnerConfig(engine="tests.fake_engines:paint", stop_grace=2.0))
+async def test_shutdown_tells_users_their_jobs_were_cancelled(
+    presets, tiny_settings, painters
+) -> None:
+    own = make_runner(RunnerConfig(engine="tests.fake_engines:paint", stop_grace=2.0), painters)
     limits = Limits(cooldown=0.0, status_interval=0.0)
     bot = PasticheBot(BotConfig(limits=limits), presets, runner=own,
                       base_settings=tiny_settings(iterations=100_000))  # fmt: skip

@@ -19,7 +19,7 @@ from PIL import Image
 
 from bot import __main__ as entry
 from bot.config import ConfigError, config_from_dict, load_config
-from bot.delivery import DM_UPLOAD_LIMIT, fit_to_limit, upload_limit
+from bot.delivery import DM_UPLOAD_LIMIT, fit_animation_to_limit, fit_to_limit, upload_limit
 from bot.status import JobStatus, ThrottledEditor, progress_bar, render
 from bot.validation import fetch_image, is_image
 from bot.views import GONE, NOT_YOURS, TEMPLATE, CancelButton, cancel_view, handle_cancel
@@ -60,6 +60,9 @@ def test_config_file_env_token_and_relative_paths(tmp_path: Path) -> None:
         ({"engine": {"size": 4096}}, "max_size"),
         ({"message_content": "yes"}, "true or false"),
         ({"limits": {"colour": 1}}, "Unknown key(s) in [limits]"),
+        ({"backend": "gpu"}, "backend must be one of local, celery"),
+        ({"backend": "celery"}, "No broker URL"),
+        ({"backend": "celery", "broker": "amqp://localhost"}, "redis://"),
     ],
 )
 def test_config_rejects_bad_values(data: dict, needle: str) -> None:
@@ -90,6 +93,27 @@ async def test_fetch_image_accepts_a_real_image() -> None:
     upload = await fetch_image(att, what="photo", max_bytes=MiB, max_pixels=10_000)
     assert (upload.info.width, upload.info.height) == (40, 30)
     att.read.assert_awaited_once()
+
+
+@pytest.mark.parametrize("content_type", ["image/heic", "application/octet-stream", None])
+async def test_fetch_image_accepts_an_iphone_heic(content_type: str | None) -> None:
+    """Whatever Discord calls it, a .heic photo is read by the same loader as the CLI's."""
+    buf = io.BytesIO()
+    make_image(40, 30).save(buf, "HEIF", quality=90)
+    att = attachment(buf.getvalue(), "IMG_0001.HEIC", content_type)
+    upload = await fetch_image(att, what="photo", max_bytes=MiB, max_pixels=10_000)
+    assert (upload.info.format, upload.info.width, upload.info.height) == ("HEIF", 40, 30)
+
+
+async def test_refusal_names_the_formats_the_cli_accepts() -> None:
+    from core.images import accepted_formats
+
+    with pytest.raises(ImageError) as err:
+        await fetch_image(
+            attachment(b"hello", "notes.txt", "text/plain"), what="photo", max_bytes=MiB,
+            max_pixels=10_000,
+        )  # fmt: skip
+    assert accepted_formats() in str(err.value) and "HEIC" in str(err.value)
 
 
 @pytest.mark.parametrize(
@@ -172,6 +196,86 @@ def test_fit_keeps_alpha_when_it_can() -> None:
     fitted = fit_to_limit(png, len(png) - 1)
     with Image.open(io.BytesIO(fitted.data)) as img:
         assert fitted.format == "webp" and img.mode == "RGBA"
+
+
+def clip(fmt: str, frames: int = 8, side: int = 96) -> bytes:
+    from core.animation import Animation, encode_animation
+
+    from .test_animation import moving_frames
+
+    return encode_animation(
+        Animation(moving_frames(frames, (side, side * 3 // 4)), [50] * frames), fmt
+    )
+
+
+@pytest.mark.parametrize("fmt", ["gif", "mp4"])
+def test_fit_animation_keeps_a_clip_that_fits(fmt: str) -> None:
+    data = clip(fmt)
+    fitted = fit_animation_to_limit(data, fmt, 10 * MiB)
+    assert fitted.data == data and fitted.frames == 8 and fitted.note() is None
+
+
+@pytest.mark.parametrize("fmt", ["gif", "webp", "mp4"])
+def test_fit_animation_gives_quality_then_size_then_frames(fmt: str) -> None:
+    from core.animation import load_animation
+
+    data = clip(fmt, frames=8, side=128)
+    seen = set()
+    for share in (3 / 4, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 64):
+        limit = int(len(data) * share)
+        try:
+            fitted = fit_animation_to_limit(data, fmt, limit, min_side=16)
+        except ValueError:
+            seen.add("refused")  # even two frames at half size do not fit
+            continue
+        assert len(fitted.data) <= limit and fitted.reencoded and fitted.format == fmt
+        back = load_animation(fitted.data)
+        assert (len(back), back.size) == (fitted.frames, (fitted.width, fitted.height))
+        assert back.duration_ms == 400  # fewer frames show for longer: same length
+        note = fitted.note()
+        assert note is not None and note.startswith("Sent ")
+        seen |= {"quality"} if fitted.lower_quality else set()
+        seen |= {"size"} if fitted.downscaled else set()
+        if fitted.dropped_frames:
+            seen.add("frames")
+            assert max(back.size) == 64  # the size gave way first, down to half
+            assert f"with {fitted.frames} of its 8 frames" in note
+    # Each lever is used somewhere in the sweep (MP4's frames compress to almost nothing, so
+    # dropping them does not help it: it runs out of size instead).
+    assert {"quality", "size", "refused"} <= seen
+    assert "frames" in seen or fmt == "mp4"
+
+
+async def test_fetch_image_reads_every_frame_of_a_clip_and_refuses_broken_ones() -> None:
+    from core.animation import AnimationLimits
+
+    gif = clip("gif", frames=5, side=64)
+    att = attachment(gif, "clip.gif", "image/gif")
+    limits = AnimationLimits(max_frames=10)
+    upload = await fetch_image(att, what="photo", max_bytes=MiB, max_pixels=10**6, clips=limits)
+    assert upload.animation is not None and upload.frames == 5 and upload.info.width == 64
+    still = await fetch_image(att, what="style image", max_bytes=MiB, max_pixels=10**6)
+    assert still.animation is None  # a style is a picture: a GIF's first frame
+    video = attachment(clip("mp4", frames=4), "clip.mp4", "video/mp4")
+    upload = await fetch_image(video, what="photo", max_bytes=MiB, max_pixels=10**6, clips=limits)
+    assert upload.animation is not None and upload.animation.video and upload.frames == 4
+    with pytest.raises(ImageError, match="not a picture"):
+        await fetch_image(video, what="style image", max_bytes=MiB, max_pixels=10**6)
+    with pytest.raises(ImageError, match="more than 3 frames"):
+        await fetch_image(
+            att, what="photo", max_bytes=MiB, max_pixels=10**6, clips=AnimationLimits(max_frames=3)
+        )
+    broken = attachment(gif[: len(gif) // 2], "clip.gif", "image/gif")
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        await fetch_image(broken, what="photo", max_bytes=MiB, max_pixels=10**6, clips=limits)
+
+
+def test_render_shows_the_frame_being_painted() -> None:
+    st = JobStatus(job_id="abc", label="waves", state="running", percent=30.0, frame=7, frames=24)
+    embed, _ = render(st, requester="<@1>")
+    assert "Frame 7 of 24" in embed.description and "30 %" in embed.description
+    st.frames = 1
+    assert "Frame" not in render(st, requester="<@1>")[0].description
 
 
 # ---- status throttle --------------------------------------------------------------------------
@@ -321,9 +425,29 @@ def test_main_check_reports_preset_problems(tmp_path: Path, caplog, monkeypatch)
     assert entry.main(["--config", str(tmp_path / "bad.toml")]) == 2
 
 
+def test_celery_backend_from_the_config(tmp_path: Path, capsys, monkeypatch) -> None:
+    from bot.app import PasticheBot
+    from core.jobs.celery_backend import CeleryBackend
+    from core.presets import PresetLibrary
+
+    monkeypatch.delenv("PASTICHE_BROKER_URL", raising=False)
+    data = {"backend": "celery", "broker": "redis://:file@127.0.0.1:1/0", "workers": 3}
+    env = {"PASTICHE_BROKER_URL": "redis://:env@127.0.0.1:1/0"}
+    assert config_from_dict(data, env=env).broker == env["PASTICHE_BROKER_URL"]  # env wins
+    cfg = config_from_dict(data)
+    bot = PasticheBot(cfg, PresetLibrary())
+    assert isinstance(bot.runner.backend, CeleryBackend) and bot.runner.backend.capacity == 3
+    # --check asks the broker; nothing listens on port 1.
+    (tmp_path / "bot.toml").write_text('backend = "celery"\nbroker = "redis://:pw@127.0.0.1:1/0"\n')
+    assert entry.main(["--config", str(tmp_path / "bot.toml"), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "Cannot reach Redis at redis://:***@127.0.0.1:1/0" in err and ":pw@" not in err
+
+
 def test_bot_process_does_not_import_torch() -> None:
     code = (
-        "import sys, bot.__main__, bot.app, bot.cog, core.jobs, core.presets; "
+        "import sys, bot.__main__, bot.app, bot.cog, core.jobs, core.presets, "
+        "core.jobs.celery_backend, core.jobs.celery_worker; "
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -4,6 +4,7 @@ dispatch to the other front ends, and real runs in a subprocess."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -43,7 +44,7 @@ def test_defaults_are_the_dataclass_defaults() -> None:
     for f in FIELDS:
         expected = 0 if f.name == "preview_every" else getattr(Settings(), f.name)
         assert getattr(settings, f.name) == expected, f.name
-    assert settings.extra == {"frontend": "cli"}
+    assert settings.extra == {"front_end": "cli"}
 
 
 def _other_value(f: dataclasses.Field) -> tuple[list[str], object]:
@@ -287,7 +288,7 @@ def test_missing_front_end_is_a_clear_error(
     monkeypatch.delitem(sys.modules, "bot.__main__", raising=False)
     assert cli.main(["bot"]) == 2
     err = capsys.readouterr().err
-    assert "needs the Python package 'discord'" in err and "pastiche[bot]" in err
+    assert "needs the Python package 'discord'" in err and "pastiche-paint[bot]" in err
     assert cli.main(["gimp", "uninstall"]) == 2
     assert "only gimp command is 'install'" in capsys.readouterr().err
 
@@ -361,7 +362,7 @@ def test_subprocess_stylize_end_to_end(
     meta = images.read_metadata(files["out"])
     assert meta is not None
     assert meta["settings"]["size"] == 64 and meta["settings"]["iterations"] == 3
-    assert meta["extra"] == {"frontend": "cli", "content": "content.png", "styles": ["style.png"]}
+    assert meta["extra"] == {"front_end": "cli", "content": "content.png", "styles": ["style.png"]}
 
 
 @pytest.mark.slow
@@ -407,3 +408,43 @@ def test_max_memory_takes_amounts_people_write() -> None:
         Settings(max_memory="100MB")
     with pytest.raises(SettingsError, match="max_memory"):
         Settings.from_dict({"max_memory": 2_000_000_000})
+
+
+@pytest.mark.slow
+def test_subprocess_paints_an_animation(
+    files: dict[str, Path], vgg19_checkpoint: Path, tmp_path: Path
+) -> None:
+    from core.animation import Animation, encode_animation, load_animation
+    from tests.test_animation import moving_frames
+
+    clip = tmp_path / "clip.gif"
+    clip.write_bytes(
+        encode_animation(Animation(moving_frames(3, (64, 48)), [80, 90, 100], loop=2), "gif")
+    )
+    common = [
+        "--style", str(files["style"]), "--weights", str(vgg19_checkpoint), "--size", "32",
+        "--no-pyramid", "--iterations", "2", "--frame-iterations", "1", "--device", "cpu",
+    ]  # fmt: skip
+    proc = run_cli("stylize", str(clip), "-o", "painted.gif", *common, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "frame 3/3" in proc.stderr and "(32x24, 3 frames)" in proc.stderr
+    painted = load_animation(tmp_path / "painted.gif")
+    assert (len(painted), painted.size, painted.durations) == (3, (32, 24), [80, 90, 100])
+    assert painted.loop == 2
+    with Image.open(tmp_path / "painted.gif") as gif:
+        meta = json.loads(gif.info["comment"].decode().split(":", 1)[1])
+    assert meta["frames"] == 3 and meta["settings"]["frame_iterations"] == 1
+
+    proc = run_cli("stylize", str(clip), "-o", "few.mp4", "--max-frames", "2", *common,
+                   cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    video = load_animation(tmp_path / "few.mp4")
+    assert (len(video), video.durations) == (2, [170, 100])  # frames 1 and 3, same length
+
+    proc = run_cli("stylize", str(clip), "-o", "still.jpg", *common, cwd=tmp_path)
+    assert proc.returncode == 2 and "'.jpg' is not an animation format" in proc.stderr
+    broken = tmp_path / "broken.gif"
+    broken.write_bytes(clip.read_bytes()[:-30])
+    proc = run_cli("stylize", str(broken), "-o", "b.gif", *common, cwd=tmp_path)
+    assert proc.returncode == 2 and "truncated or corrupt" in proc.stderr
+    assert "Traceback" not in proc.stderr

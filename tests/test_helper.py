@@ -1,7 +1,8 @@
 """The GIMP helper's HTTP API, its files, the plug-in's stdlib client and the installer.
 
 Requests that never reach a worker run against helpers whose workers are never started; the
-tests that paint share one helper with one real worker (random-weight VGG19, tiny images).
+tests that paint share one helper with one real worker (random-weight VGG19, tiny images),
+once with the local backend and once with the Celery one (a real Redis and ``pastiche worker``).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from core.jobs import RunnerConfig
 from core.settings import QUALITY_ITERATIONS, Settings
 from gimp_plugin import install as installer
 
+from .celery_procs import celery_stack
 from .conftest import image_bytes, settings_for
 
 TOKEN = "s3cret-token"
@@ -189,6 +191,41 @@ def test_full_resolution_paints_at_the_layers_size_up_to_the_limit() -> None:
         pc.paint_size("huge", 512, 300, 200, None)
 
 
+async def test_bad_animation_requests_are_400(tmp_path: Path) -> None:
+    png = image_bytes(width=32, height=32)
+
+    def frames_form(*frames: bytes, **fields: str) -> FormData:
+        form = _form(None, png, **fields)
+        for i, data in enumerate(frames):
+            form.add_field("frame", data, filename=f"f{i}.png", content_type="image/png")
+        return form
+
+    async with quick_helper(tmp_path) as client:
+
+        async def error_of(form: FormData) -> str:
+            resp = await client.post("/jobs", data=form, headers=AUTH)
+            assert resp.status == 400
+            return (await resp.json())["error"]
+
+        other = image_bytes(width=40, height=32)
+        assert "same size" in await error_of(frames_form(png, other))
+        assert "at least two frames" in await error_of(frames_form(png))
+        assert "frame 2" in await error_of(frames_form(png, b"junk"))
+        assert "milliseconds" in await error_of(frames_form(png, png, durations="[10]"))
+        assert "milliseconds" in await error_of(frames_form(png, png, durations="oops"))
+        broken = _clip_gif()[:-60]
+        assert "truncated or corrupt" in await error_of(_form(broken, png))
+        assert client.server.app[STATE].starting is None
+
+
+def _clip_gif() -> bytes:
+    from core.animation import Animation, encode_animation
+
+    from .test_animation import moving_frames
+
+    return encode_animation(Animation(moving_frames(4, (64, 48)), [70, 80, 90, 100]), "gif")
+
+
 async def test_unknown_job_is_404(tmp_path: Path) -> None:
     async with quick_helper(tmp_path) as client:
         for method, path in (
@@ -272,6 +309,11 @@ def test_public_bind_needs_force(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--force-public-bind" in capsys.readouterr().err
 
 
+def test_celery_backend_needs_a_redis_broker(capsys: pytest.CaptureFixture[str]) -> None:
+    assert helper_cli.main(["--backend", "celery", "--broker", "http://example.org"]) == 2
+    assert "redis://" in capsys.readouterr().err
+
+
 async def test_serve_writes_discovery_and_exits_when_idle(tmp_path: Path) -> None:
     disc = tmp_path / "helper.json"
     opts = HelperOptions(token=TOKEN, probe=False, start_workers=False, idle_exit=1.0)
@@ -345,11 +387,15 @@ def test_progress_text() -> None:
         pc.describe({"state": "running", "percent": 5, "eta": None})[1] == "Pastiche: painting… 5%"
     )
     assert pc.format_eta(7.4) == "about 7 s left"
+    frame = {"state": "running", "percent": 30, "eta": None, "frame": 7, "frames": 24}
+    assert pc.describe(frame)[1] == "Pastiche: painting… frame 7 of 24, 30%"
+    assert pc.frame_duration("Frame 2 (80ms) (replace)") == 80
+    assert pc.frame_duration("Background") == pc.DEFAULT_FRAME_MS == 100
 
 
 def test_plugin_settings_are_valid_settings() -> None:
-    s = Settings.from_dict(pc.job_settings(0.3, 640, True))
-    assert (s.strength, s.size, s.preserve_colors) == (0.3, 640, "luminance")
+    s = Settings.from_dict(pc.job_settings(0.3, 640, True, 0.75))
+    assert (s.strength, s.size, s.preserve_colors, s.keep_faces) == (0.3, 640, "luminance", 0.75)
     assert pc.QUALITIES == tuple(QUALITY_ITERATIONS)
 
 
@@ -461,8 +507,21 @@ def test_plugin_starts_the_helper_which_exits_when_idle(tmp_path: Path) -> None:
 
 
 # ---- painting with a real worker ---------------------------------------------------------------
+@pytest.fixture(scope="module", params=["local", "celery"])
+def backend_options(request, vgg19_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The helper's own worker process, or (opt-in) a ``pastiche worker`` behind a real Redis."""
+    if request.param == "local":
+        yield {}
+        return
+    args = ("--weights", str(vgg19_checkpoint), "--device", "cpu")
+    with celery_stack(tmp_path_factory.mktemp("celery"), 1, *args) as stack:
+        yield {"backend": "celery", "broker": stack.url}
+
+
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def painter(vgg19_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+async def painter(
+    vgg19_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory, backend_options
+):
     """One helper with one real worker, shared by the tests that paint."""
     presets = tmp_path_factory.mktemp("presets")
     (presets / "waves.png").write_bytes(image_bytes(width=40, height=40, seed=7))
@@ -475,6 +534,7 @@ async def painter(vgg19_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
         presets=presets,
         probe=True,
         runner_config=RunnerConfig(workers=1, max_queue=2, max_per_owner=10),
+        **backend_options,
     )
     client = TestClient(TestServer(create_app(opts), host="127.0.0.1"))
     await client.start_server()
@@ -512,7 +572,72 @@ async def test_happy_path_returns_a_png(painter: TestClient) -> None:
     assert meta["settings"]["strength"] == 0.7 and meta["extra"]["front_end"] == "gimp"
     health = await (await painter.get("/health", headers=AUTH)).json()
     assert health["ready"] is True
-    assert health["device"] == "cpu" and health["weights_present"] is True  # probe has finished
+    assert health["device"] == "cpu"  # the probe has finished (locally, or asked the broker)
+    if health["backend"] == "celery":
+        assert "1 remote worker" in health["weights_message"]
+    else:
+        assert health["backend"] == "local" and health["weights_present"] is True
+
+
+@module_loop
+async def test_a_heic_selfie_keeps_its_face(painter: TestClient) -> None:
+    """The helper reads an iPhone's HEIC like the CLI does, passes keep_faces through, and
+    reports the face boxes (and any notes) with the finished job."""
+    from skimage import data
+
+    buf = io.BytesIO()
+    Image.fromarray(data.astronaut()).crop((103, 16, 343, 256)).save(buf, "HEIF", quality=90)
+    form = FormData()
+    form.add_field("content", buf.getvalue(), filename="IMG_0001.HEIC", content_type="image/heic")
+    form.add_field("style", image_bytes(width=40, height=40, seed=2), filename="s.png")
+    form.add_field("settings", '{"keep_faces": 0.9}')
+    resp = await painter.post("/jobs", data=form, headers=AUTH)
+    assert resp.status == 201, await resp.text()
+    job = await resp.json()
+    status = await _wait_state(painter, job["id"], {"done", "failed", "cancelled"})
+    assert status["state"] == "done", status
+    assert len(status["faces"]) == 1 and status["notes"] == []
+    png = await (await painter.get(f"/jobs/{job['id']}/result", headers=AUTH)).read()
+    meta = read_metadata(png)
+    assert meta["settings"]["keep_faces"] == 0.9 and meta["faces"]["boxes"] == status["faces"]
+
+
+@module_loop
+async def test_animation_from_gimp_layers_and_from_a_gif(painter: TestClient) -> None:
+    """The plug-in's way (one PNG per layer, durations beside them) through the real worker,
+    and a GIF sent as content: each comes back as painted frames with its timing."""
+    from core.animation import load_animation
+
+    from .test_animation import moving_frames
+
+    helper = pc.HelperClient(str(painter.make_url("")), TOKEN)
+    frames = [_png(f) for f in moving_frames(3, (64, 48))]
+    style = image_bytes(width=40, height=40, seed=2)
+    settings = {"size": 32, "iterations": 2}
+    seen: list[str] = []
+    (pngs, durations), label = await asyncio.to_thread(
+        pc.run_animation_job, helper, frames, [80, 90, 100], style=style, style_name="art",
+        settings=settings, on_progress=lambda f, text: seen.append(text), poll=0.05,
+    )  # fmt: skip
+    assert label == "art" and durations == [80, 90, 100] and len(pngs) == 3
+    assert all(Image.open(io.BytesIO(p)).size == (32, 24) for p in pngs)
+    # Which frames show depends on the relay's pacing and the poll's timing: any will do.
+    assert any(f"frame {i} of 3" in text for text in seen for i in (1, 2, 3)), seen
+
+    resp = await painter.post("/jobs", data=_form(_clip_gif(), style), headers=AUTH)
+    job = await resp.json()
+    status = await _wait_state(painter, job["id"], {"done", "failed", "cancelled"})
+    assert status["state"] == "done" and status["frames"] == 4, status
+    resp = await painter.get(f"/jobs/{job['id']}/result", headers=AUTH)
+    assert resp.content_type == "image/gif"
+    clip = load_animation(await resp.read())
+    assert len(clip) == 4 and clip.durations == [70, 80, 90, 100]
+
+
+def _png(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()
 
 
 @module_loop

@@ -248,6 +248,51 @@ def test_exif_orientation_6_rotates_clockwise() -> None:
     assert bottom[2] > 200 and bottom[0] < 60
 
 
+# ---- HEIC (iPhone photos) --------------------------------------------------------------------
+def phone_photo(fmt: str) -> bytes:
+    """Left half mid-grey in *linear* RGB, right half blue; stored sideways (EXIF orientation 6,
+    "rotate 90 CW to display") with a linear-RGB ICC profile, as a phone would."""
+    src = Image.new("RGB", (40, 20), (128, 128, 128))
+    src.paste((0, 0, 255), (20, 0, 40, 20))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encoded(src, fmt, exif=exif.tobytes(), icc_profile=icc_profile("RGB", 1.0), quality=95)
+
+
+def test_heic_is_turned_upright_and_colour_converted_like_a_jpeg() -> None:
+    heic = phone_photo("HEIF")
+    assert heic[4:12] == b"ftypheic"
+    out = images.load_image(heic)
+    info = images.validate_image(heic)
+    assert (info.format, info.width, info.height, info.mode) == ("HEIF", 20, 40, "RGB")
+    assert out.size == (20, 40) and "icc_profile" not in out.info
+    top, bottom = out.getpixel((10, 5)), out.getpixel((10, 35))
+    assert 180 <= top[0] <= 196 and abs(top[0] - top[2]) <= 6  # linear 128 -> sRGB ~188
+    assert bottom[2] > 200 and bottom[0] < 60  # the right (blue) edge is now at the bottom
+    # The same photo as a JPEG goes through the same orientation and profile code; both are
+    # lossy (HEVC and JPEG at quality 95), so they agree to within a few levels per pixel.
+    jpeg = images.load_image(phone_photo("JPEG"))
+    diff = [abs(a - b) for a, b in zip(out.tobytes(), jpeg.tobytes(), strict=True)]
+    assert sum(diff) / len(diff) < 4
+
+
+def test_truncated_heic_is_an_image_error() -> None:
+    heic = encoded(make_image(64, 48), "HEIF", quality=90)
+    with pytest.raises(ImageError, match="truncated or corrupt"):
+        images.load_image(heic[: len(heic) // 2], name="photo")
+
+
+def test_one_list_of_formats_names_heic_and_what_pillow_reads() -> None:
+    text = images.accepted_formats()
+    assert "HEIC" in text and "JPEG" in text and "PNG" in text
+    assert all(f.pil in Image.OPEN for f in images.INPUT_FORMATS)
+    assert images.ACCEPTED_MIME_TYPES["image/heic"] == "HEIC"
+    assert ".heic" in images.ACCEPTED_EXTENSIONS
+    with pytest.raises(ImageError) as err:
+        images.load_image(encoded(make_image(32, 32), "ICO"))  # a format PIL knows, refused
+    assert "ICO format" in str(err.value) and text in str(err.value)
+
+
 # ---- colour profiles -------------------------------------------------------------------------
 def test_linear_rgb_profile_is_converted_to_srgb() -> None:
     src = Image.new("RGB", (20, 20), (128, 128, 128))

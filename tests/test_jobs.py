@@ -139,6 +139,41 @@ async def test_fifo_order_positions_and_events(runner):
 
 
 @pytest.mark.asyncio(loop_scope="module")
+async def test_animated_content_comes_back_animated(runner):
+    """A GIF takes the worker's animation path: progress is frame i of n, and the result is the
+    clip in the input's kind (or the format asked for) with its timing."""
+    from core.animation import Animation, encode_animation, load_animation
+
+    frames = [Image.new("RGB", (32, 24), (40 * i, 90, 200 - 40 * i)) for i in range(3)]
+    gif = encode_animation(Animation(frames, [60, 70, 80], loop=0), "gif")
+    job = await runner.submit(JobRequest(gif, ((STYLE, 1.0),), Settings(iterations=4)), "anim")
+    events = await asyncio.wait_for(collect(job), WAIT)
+    done = events[-1]
+    assert isinstance(done, Done) and done.mime == "image/gif" and done.frames == 3
+    assert done.animated and (done.width, done.height) == (32, 24)
+    clip = load_animation(done.data)
+    assert len(clip) == 3 and clip.durations == [60, 70, 80] and clip.loop == 0
+    assert clip.frames[1].getpixel((0, 0)) == (255 - 40, 255 - 90, 255 - 160)
+    progress = [e for e in events if isinstance(e, ProgressUpdate)]
+    assert progress[-1].frame == progress[-1].frames == 3 and progress[-1].percent == 100.0
+
+    as_mp4 = JobRequest(gif, ((STYLE, 1.0),), Settings(iterations=1, max_frames=2), "", "mp4")
+    done = await finish(await runner.submit(as_mp4, "anim"))
+    assert isinstance(done, Done) and done.mime == "video/mp4" and done.frames == 2
+    assert load_animation(done.data).durations == [130, 80]
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_broken_animation_fails_with_its_reason(runner):
+    from core.animation import Animation, encode_animation
+
+    frames = [Image.new("RGB", (32, 24), (40 * i, 90, 20)) for i in range(4)]
+    gif = encode_animation(Animation(frames, [60] * 4), "gif")
+    end = await finish(await runner.submit(JobRequest(gif[:-40], ((STYLE, 1.0),)), "broken"))
+    assert isinstance(end, Failed) and "truncated or corrupt" in end.message
+
+
+@pytest.mark.asyncio(loop_scope="module")
 async def test_limits_reject_at_once(runner):
     slow = await runner.submit(req(steps=40), owner="lim")
     queued = await runner.submit(req(), owner="lim")

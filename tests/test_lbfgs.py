@@ -1,4 +1,12 @@
-"""core.lbfgs: the same iterates as torch.optim.LBFGS(max_iter=1), with state allocated once."""
+"""core.engine.cpu.lbfgs: torch.optim.LBFGS(max_iter=1)'s iterates, with state allocated once.
+
+The two implementations do the same arithmetic, but vector kernels may sum in another order
+(buffers at other addresses, other SIMD widths: Intel with or without AMX, AMD Zen 4), so they
+are compared with a tolerance, never bit for bit. ITERATE_ATOL: on this problem a one-ulp nudge
+of the start moves the 30 iterates by at most 4e-6 (the iterates stay within 5 of 0), while a
+real difference in the algorithm moves them by far more: lr 0.99 instead of 1 by 2e-3 from the
+first step, one history pair fewer by 0.02-0.14.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,8 @@ from core import stylize
 from core.engine import scale
 from core.engine.cpu.lbfgs import LBFGS
 from tests.conftest import make_image
+
+ITERATE_ATOL = 2e-5
 
 
 def _objective(x: torch.Tensor) -> torch.Tensor:
@@ -38,13 +48,13 @@ def _run(make_opt, x0: torch.Tensor, steps: int) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("history", [1, 3, 10])
-def test_iterates_are_identical_to_torch_lbfgs(history: int) -> None:
+def test_iterates_match_torch_lbfgs(history: int) -> None:
     x0 = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
     ours = _run(lambda x: LBFGS(x, lr=1, history_size=history), x0, 30)
     ref = _run(lambda x: torch.optim.LBFGS([x], lr=1, max_iter=1, history_size=history), x0, 30)
     for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
-        assert torch.equal(a, b), f"step {i + 1} differs"
-    assert not torch.equal(ours[-1], ours[5])  # it did move
+        torch.testing.assert_close(a, b, rtol=0, atol=ITERATE_ATOL, msg=f"step {i + 1} differs")
+    assert (ours[-1] - ours[5]).abs().max() > 100 * ITERATE_ATOL  # it did move
 
 
 def test_pairs_without_positive_curvature_are_skipped_like_torch() -> None:
@@ -61,7 +71,7 @@ def test_pairs_without_positive_curvature_are_skipped_like_torch() -> None:
                 return loss
 
             opt.step(closure)
-        assert torch.equal(x, y)
+        torch.testing.assert_close(x, y, rtol=0, atol=ITERATE_ATOL)
     kept = len(ref.state[y]["old_dirs"])
     assert len(ours._rows) == kept < ours.n_iter - 1  # some pairs were rejected
 
@@ -89,8 +99,27 @@ def test_state_is_allocated_once_and_the_gradient_buffer_is_kept() -> None:
 
 
 def test_the_engine_gives_what_torch_lbfgs_gives(tiny_settings, monkeypatch) -> None:
-    s = tiny_settings(iterations=8)
-    ours = stylize(make_image(), [make_image(seed=3)], s).image.tobytes()
+    """The engine drives both optimisers alike (closure, in-place zeroed gradient buffer).
+
+    The engine's problem amplifies rounding fast (L-BFGS without a line search on a deep
+    network): a one-ulp nudge of the start image moved the losses of these 6 steps by up to 0.3%
+    and the image by at most 3 levels (mean 0.4). So the losses are compared at 1% and the
+    images loosely; a driver fault shows far above that (a gradient not zeroed between steps
+    doubles the loss by step 5). The arithmetic itself is compared step by step above.
+    """
+    s = tiny_settings(iterations=6, pyramid=False)
+
+    def run() -> tuple[torch.Tensor, torch.Tensor]:
+        losses: list[float] = []
+        r = stylize(
+            make_image(),
+            [make_image(seed=3)],
+            s,
+            on_progress=lambda p: losses.append(p.losses["total"]),
+        )
+        return torch.tensor(losses), torch.tensor(list(r.image.tobytes()), dtype=torch.float32)
+
+    ours, ours_img = run()
 
     def torch_lbfgs(settings, image):
         return torch.optim.LBFGS(
@@ -98,4 +127,8 @@ def test_the_engine_gives_what_torch_lbfgs_gives(tiny_settings, monkeypatch) -> 
         ), None
 
     monkeypatch.setattr(scale, "make_optimizer", torch_lbfgs)
-    assert stylize(make_image(), [make_image(seed=3)], s).image.tobytes() == ours
+    ref, ref_img = run()
+    assert len(ours) == len(ref) == 6
+    torch.testing.assert_close(ours, ref, rtol=1e-2, atol=0)
+    assert (ours_img - ref_img).abs().mean() <= 1.0
+    assert (ours_img - ref_img).abs().max() <= 8

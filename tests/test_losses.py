@@ -9,12 +9,15 @@ import torch
 from core.engine.colour import match_colour_stats, rgb_to_ycbcr, ycbcr_to_rgb
 from core.engine.losses import (
     ContentLoss,
+    GramGuide,
     LayerApply,
+    MaskedContentLoss,
     Scale,
     StyleLoss,
     SumLoss,
     TVLoss,
     gram,
+    guided_gram,
     scaled_mse,
 )
 
@@ -155,3 +158,47 @@ def test_gram_of_bf16_features_is_exact_and_keeps_only_the_bf16_activation(
 def test_style_loss_takes_an_activation_or_its_gram() -> None:
     x, target = torch.rand(1, 4, 6, 6), gram(torch.rand(1, 4, 6, 6))
     assert StyleLoss(target)(gram(x)).item() == pytest.approx(StyleLoss(target)(x).item())
+
+
+# ---- spatial guidance (keep_faces) ----------------------------------------------------------
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_guided_gram_and_its_gradient_match_the_weighted_product(channels_last: bool) -> None:
+    x = torch.rand(2, 5, 6, 7, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = torch.rand(1, 1, 6, 7, dtype=torch.float64)
+    outer = torch.rand(2, 5, 5, dtype=torch.float64)  # not symmetric: both halves must count
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (guided_gram(a, w) * outer).sum().backward()
+    mat, wf = b.reshape(2, 5, 42), w.reshape(1, 1, 42)
+    reference = torch.bmm(mat * wf, mat.transpose(1, 2)) / wf.sum()
+    (reference * outer).sum().backward()
+    torch.testing.assert_close(guided_gram(x, w), reference.detach().float())
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_guided_gram_with_equal_weights_is_the_gram() -> None:
+    x = torch.rand(1, 4, 8, 8)
+    torch.testing.assert_close(guided_gram(x, torch.full((1, 1, 8, 8), 0.3)), gram(x))
+
+
+def test_gram_guide_resamples_its_weights_to_each_layer() -> None:
+    weights = torch.ones(1, 1, 16, 16)
+    weights[..., :8, :] = 0.0  # the top half does not count
+    guide = GramGuide(weights)
+    x = torch.rand(1, 3, 4, 4)
+    torch.testing.assert_close(guide.gram(x), gram(x[..., 2:, :]))  # area-resampled to 4x4
+
+
+def test_masked_content_loss_sees_only_its_region_at_any_resolution() -> None:
+    target = torch.zeros(1, 2, 4, 4)
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :, 16:] = 1.0  # the right half of the image
+    loss = MaskedContentLoss(target, mask)
+    assert loss.coverage == pytest.approx(0.5)
+    outside = target.clone()
+    outside[..., :, :2] = 5.0  # a large error on the left only
+    assert float(loss(outside)) == 0.0
+    inside = target.clone()
+    inside[..., :, 2:] = 1.0
+    assert float(loss(inside)) == pytest.approx(float(scaled_mse(inside[..., 2:], target[..., 2:])))

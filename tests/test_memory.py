@@ -1,65 +1,141 @@
-"""The engine's process keeps freed heap memory during a run and gives it back afterwards."""
+"""The engine keeps freed heap memory only while a run goes on, trims at each scale and at the
+end, and leaves the allocator's settings as it found them (also after a cancel or an error)."""
 
 from __future__ import annotations
 
 import sys
+import threading
 
 import pytest
 
-from core.engine import run as engine
+from core.engine import Engine
 from core.engine.cpu import memory
-from core.errors import Cancelled
+from core.errors import Cancelled, ImageError
 from tests.conftest import make_image
+
+KEPT = {memory.M_MMAP_MAX: 0, memory.M_TRIM_THRESHOLD: memory.TRIM_THRESHOLD}
 
 
 class FakeLibc:
-    def __init__(self) -> None:
-        self.calls: list[tuple] = []
+    """glibc's two calls, recording the allocator's parameters and every call in order."""
+
+    def __init__(self, log: list[tuple]) -> None:
+        self.log = log
+        self.params: dict[int, int] = dict(memory.GLIBC_DEFAULTS)
 
     def mallopt(self, param: int, value: int) -> int:
-        self.calls.append(("mallopt", param, value))
+        self.params[param] = value
         return 1
 
     def malloc_trim(self, pad: int) -> int:
-        self.calls.append(("trim", pad))
+        self.log.append(("trim",))
         return 1
 
 
 @pytest.fixture
-def libc(monkeypatch: pytest.MonkeyPatch) -> FakeLibc:
-    fake = FakeLibc()
+def log() -> list[tuple]:
+    return []
+
+
+@pytest.fixture
+def libc(monkeypatch: pytest.MonkeyPatch, log: list[tuple]) -> FakeLibc:
+    fake = FakeLibc(log)
     monkeypatch.setattr(memory, "_LIBC", fake)
-    monkeypatch.setattr(memory, "_kept", False)
+    monkeypatch.setattr(memory, "_STARTED_WITH", dict(memory.GLIBC_DEFAULTS))
     return fake
 
 
-def test_a_run_keeps_freed_memory_and_trims_at_each_scale_and_at_the_end(
-    libc: FakeLibc, tiny_settings
+def _run(libc: FakeLibc, log: list[tuple], settings, **kwargs):
+    """A run that logs each step with the allocator parameters in force during it."""
+
+    def on_progress(p) -> None:
+        log.append(("step", p.scale, dict(libc.params)))
+
+    return Engine().stylize(
+        make_image(64, 48),
+        [make_image(64, 48, seed=2)],
+        settings,
+        on_progress=on_progress,
+        **kwargs,
+    )
+
+
+def _scale_starts(log: list[tuple]) -> list[int]:
+    """Positions in ``log`` of each scale's first step."""
+    seen: set[int] = set()
+    starts = []
+    for i, entry in enumerate(log):
+        if entry[0] == "step" and entry[1] not in seen:
+            seen.add(entry[1])
+            starts.append(i)
+    return starts
+
+
+def test_a_run_keeps_freed_memory_only_while_it_goes_on(libc, log, tiny_settings) -> None:
+    before = dict(libc.params)
+    r = _run(libc, log, tiny_settings(iterations=2))
+    steps = [e for e in log if e[0] == "step"]
+    assert steps and all(e[2] == KEPT for e in steps)
+    assert libc.params == before
+    assert len(_scale_starts(log)) == len(r.metadata["scales"]) == 3
+    # Freed pages go back before every scale's first step (not only once per run) and at the end.
+    previous = 0
+    for start in _scale_starts(log):
+        assert ("trim",) in log[previous:start]
+        previous = start
+    assert log[-1] == ("trim",)
+
+
+def test_a_cancelled_or_failed_run_restores_the_allocator_and_gives_memory_back(
+    libc, log, tiny_settings
 ) -> None:
-    r = engine.stylize(make_image(64, 48), [make_image(64, 48, seed=2)], tiny_settings())
-    settings = [c for c in libc.calls if c[0] == "mallopt"]
-    assert settings == [
-        ("mallopt", memory.M_MMAP_MAX, 0),
-        ("mallopt", memory.M_TRIM_THRESHOLD, memory.TRIM_THRESHOLD),
-    ]
-    trims = [c for c in libc.calls if c[0] == "trim"]
-    # At each scale's start and before its first step (after the targets), and at the end.
-    assert len(trims) == 2 * len(r.metadata["scales"]) + 1
-    assert libc.calls[-1][0] == "trim"
-    engine.stylize(make_image(64, 48), [make_image(64, 48, seed=2)], tiny_settings())
-    assert len([c for c in libc.calls if c[0] == "mallopt"]) == 2  # once per process
-
-
-def test_a_cancelled_run_gives_its_memory_back_too(libc: FakeLibc, tiny_settings) -> None:
+    before = dict(libc.params)
+    steps = iter([False, False, False, True])
     with pytest.raises(Cancelled):
-        engine.stylize(
-            make_image(64, 48), [make_image(64, 48)], tiny_settings(), should_stop=lambda: True
-        )
-    assert libc.calls[-1][0] == "trim"
+        _run(libc, log, tiny_settings(iterations=2), should_stop=lambda: next(steps))
+    assert [e[0] for e in log].count("step") == 3  # it really was mid-run
+    assert libc.params == before
+    assert log[-1] == ("trim",)
+    log.clear()
+    with pytest.raises(ImageError):  # too thin for the output size: fails before any step
+        Engine().stylize(make_image(64, 2), [make_image()], tiny_settings())
+    assert libc.params == before
+    assert log == [("trim",)]
+
+
+def test_overlapping_runs_restore_only_when_the_last_one_ends(libc) -> None:
+    with memory.during_run():
+        assert libc.params == KEPT
+        with memory.during_run():
+            assert libc.params == KEPT
+        assert libc.params == KEPT  # the outer run still goes on
+    assert libc.params == memory.GLIBC_DEFAULTS
+
+
+def test_the_allocator_lever_leaves_the_settings_alone(libc, log, tiny_settings) -> None:
+    Engine(keep_heap=False).stylize(make_image(), [make_image(seed=2)], tiny_settings())
+    assert libc.params == memory.GLIBC_DEFAULTS
+    assert log[-1] == ("trim",)
+
+
+def test_the_values_restored_are_those_the_environment_set_at_start() -> None:
+    assert memory.started_with({}) == memory.GLIBC_DEFAULTS
+    env = {"MALLOC_TRIM_THRESHOLD_": "4096", "MALLOC_MMAP_MAX_": "bad"}
+    assert memory.started_with(env) == {**memory.GLIBC_DEFAULTS, memory.M_TRIM_THRESHOLD: 4096}
+    env["GLIBC_TUNABLES"] = "glibc.malloc.check=0:glibc.malloc.mmap_max=0x10:glibc.malloc.x"
+    assert memory.started_with(env) == {memory.M_MMAP_MAX: 16, memory.M_TRIM_THRESHOLD: 4096}
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
-def test_glibc_takes_the_settings() -> None:
+def test_glibc_takes_the_settings_and_the_defaults_back() -> None:
     if memory._LIBC is None:
         pytest.skip("not glibc")
-    assert memory.keep_freed_memory()
+    done = threading.Event()
+
+    def run() -> None:  # in a thread: the real allocator, then its defaults back
+        with memory.during_run():
+            assert memory._kept
+        done.set()
+
+    run()
+    assert done.is_set() and not memory._kept

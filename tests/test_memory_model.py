@@ -46,9 +46,10 @@ def test_longer_lbfgs_history_costs_its_rows() -> None:
     base = memory_model.scale_cost("lbfgs", "bf16")
     longer = memory_model.scale_cost("lbfgs", "bf16", lbfgs_history=20)
     assert longer.per_pixel - base.per_pixel == 10 * 2 * 3 * 4
-    assert memory_model.scale_cost("adam", "bf16", lbfgs_history=20) == memory_model.COSTS[
-        ("adam", "bf16")
-    ]
+    assert (
+        memory_model.scale_cost("adam", "bf16", lbfgs_history=20)
+        == memory_model.COSTS[("adam", "bf16")]
+    )
 
 
 def test_budget_auto_is_a_share_of_what_is_free() -> None:

@@ -8,6 +8,7 @@ import hashlib
 import io
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -29,11 +30,13 @@ class Unpicklable:
 
 class Server:
     """Serves ``files`` on 127.0.0.1; ``truncate[path] = n`` sends only n bytes of the body
-    but the full Content-Length, then closes the connection."""
+    but the full Content-Length, then closes the connection; ``stall[path] = s`` waits s
+    seconds after those bytes instead."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
         self.truncate: dict[str, int] = {}
+        self.stall: dict[str, float] = {}
         self.requests = 0
         server = self
 
@@ -50,6 +53,7 @@ class Server:
                 self.end_headers()
                 self.wfile.write(body[: server.truncate.get(self.path, len(body))])
                 self.wfile.flush()
+                time.sleep(server.stall.get(self.path, 0))
                 self.close_connection = True
 
             def log_message(self, *args) -> None:
@@ -189,6 +193,19 @@ def test_connection_dropped_midway_leaves_nothing(server, monkeypatch, squeeze_b
     assert list(hub.iterdir()) == []
 
 
+def test_stalled_server_times_out_and_leaves_nothing(server, monkeypatch, squeeze_bytes, hub):
+    src = serve_source(server, monkeypatch, "squeezenet", squeeze_bytes)
+    server.truncate["/" + src.filename] = 1000
+    server.stall["/" + src.filename] = 2.0
+    monkeypatch.setattr(weights, "TIMEOUT", 0.3)
+    with pytest.raises(WeightsError, match="Could not download the squeezenet weights") as info:
+        weights.download("squeezenet", progress=False)
+    # Without the timeout the server's close after 2 s would read as "connection closed".
+    assert "timed out" in str(info.value)
+    assert socket.getdefaulttimeout() is None  # the process default is put back
+    assert list(hub.iterdir()) == []
+
+
 def test_http_error_is_reported(server, monkeypatch, hub) -> None:
     point(monkeypatch, "vgg19", server.base + "/missing-12345678.pth", "12345678")
     with pytest.raises(WeightsError, match="HTTP 404"):
@@ -207,7 +224,7 @@ def test_interrupt_midway_removes_temp_file(server, monkeypatch, squeeze_bytes, 
         def update(self, n=1):
             seen.append(n)
             if sum(seen) > 8192:
-                assert any(p.suffix == ".part" for p in hub.iterdir())  # mid-download
+                assert any(p.suffix == ".partial" for p in hub.iterdir())  # mid-download
                 raise KeyboardInterrupt
             return super().update(n)
 
@@ -314,9 +331,15 @@ def test_vgg19_checkpoint_loads_and_builds(vgg19_checkpoint: Path) -> None:
 
 
 def test_wrapped_state_dict_is_unwrapped(tmp_path) -> None:
+    inner = random_state_dict("squeezenet", seed=5)
     path = tmp_path / "wrapped.pth"
-    torch.save({"state_dict": random_state_dict("squeezenet"), "epoch": 1}, path)
-    build("squeezenet", weights.load_state_dict(path), ["fire2"])
+    torch.save({"state_dict": inner, "epoch": 1}, path)
+    loaded = weights.load_state_dict(path)
+    assert loaded.keys() == inner.keys()  # the wrapper and its "epoch" are gone
+    assert all(torch.equal(loaded[k], v) for k, v in inner.items())  # saved and loaded as is
+    model = build("squeezenet", loaded, ["fire2"])
+    built = {f"features.{k}": v for k, v in model.features.state_dict().items()}
+    assert built and all(torch.equal(v, inner[k]) for k, v in built.items())
 
 
 def test_wrong_checkpoint_for_architecture(tmp_path, squeeze_bytes, vgg19_checkpoint) -> None:

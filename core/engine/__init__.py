@@ -5,6 +5,19 @@ CPU speed work in ``core.engine.cpu``) is the engine's own business. Front ends 
 the job runner's worker processes or, in the CLI, directly.
 """
 
+from core.engine.frames import stylize_animation, stylize_frames
 from core.engine.run import Engine, stylize
+from core.settings import Settings
 
-__all__ = ["Engine", "stylize"]
+
+def prepare(settings: Settings | None = None) -> str:
+    """Make this machine's speed choice for ``settings`` now (the probe on first use, a cached
+    read afterwards), so a worker pays it at start-up rather than in its first job; returns
+    the choice, described."""
+    from core.engine.device import pick_device, pick_speed
+
+    s = settings or Settings()
+    return pick_speed(s, pick_device(s.device)).describe()
+
+
+__all__ = ["Engine", "prepare", "stylize", "stylize_animation", "stylize_frames"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -131,13 +132,13 @@ def squeezenet1_1_features() -> nn.Sequential:
     )
 
 
-ARCHITECTURES: dict[str, tuple[Architecture, type[nn.Module] | object]] = {
+ARCHITECTURES: dict[str, tuple[Architecture, Callable[[], nn.Sequential]]] = {
     "vgg19": (VGG19, vgg19_features),
     "squeezenet": (SQUEEZENET, squeezenet1_1_features),
 }
 
 
-def features_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def features_state_dict(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
     """The ``features.*`` entries of a torchvision checkpoint, prefix removed.
 
     Accepts a full model checkpoint (classifier keys are ignored), a bare ``features`` dict,
@@ -153,6 +154,10 @@ def features_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
 
 class FeatureExtractor(nn.Module):
     """A frozen, truncated backbone returning the named activations asked for."""
+
+    features: nn.Sequential
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(
         self,
@@ -173,7 +178,7 @@ class FeatureExtractor(nn.Module):
         self.layers = tuple(n for n in arch.names if n in wanted)
         self.index = {n: arch.names.index(n) for n in self.layers}
         last = max(self.index.values())
-        self.features = features[: last + 1]
+        self.features = cast(nn.Sequential, features[: last + 1])  # a slice is a Sequential
         # ReLUs must not overwrite conv outputs that are returned as activations; none of the
         # default layers is a conv output, but a user may ask for one.
         for name, i in self.index.items():
@@ -236,7 +241,7 @@ def build(
 ) -> FeatureExtractor:
     """Build a frozen extractor; ``state`` None means seeded random weights (tests only)."""
     arch, make = ARCHITECTURES[arch_name]
-    features: nn.Sequential = make()  # type: ignore[operator]
+    features = make()
     if state is None:
         randomize_(features, seed)
     else:
@@ -273,12 +278,13 @@ def randomize_(features: nn.Module, seed: int) -> None:
             if isinstance(m, nn.Conv2d):
                 fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
                 m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-                m.bias.zero_()
+                if m.bias is not None:
+                    m.bias.zero_()
 
 
 def random_state_dict(arch_name: str = "vgg19", seed: int = 0) -> dict[str, torch.Tensor]:
     """A checkpoint in torchvision's layout with random weights (for tests and benchmarks)."""
     _, make = ARCHITECTURES[arch_name]
-    features: nn.Sequential = make()  # type: ignore[operator]
+    features = make()
     randomize_(features, seed)
     return {f"features.{k}": v for k, v in features.state_dict().items()}

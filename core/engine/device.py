@@ -2,13 +2,15 @@
 speed paths (Winograd convolutions, fused ReLU + pooling).
 
 These functions are the single place of each choice: the engine, the helper's probe and the
-benchmark all call them, so a change of policy (e.g. a measured probe) happens here only.
+benchmark all call them. Precision and Winograd are measured on the machine (``pick_speed``).
 """
 
 from __future__ import annotations
 
 import torch
 
+from core.engine import autotune
+from core.engine.autotune import Choice
 from core.errors import SettingsError
 from core.settings import Settings
 
@@ -35,37 +37,25 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def cpu_has_amx() -> bool:
-    """Only AMX tiles make bf16 convolutions pay off on CPUs: without AMX, bf16 autocast
-    measured slower than fp32 (benchmarks/bench.py; figures in docs/BENCHMARKS.md)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
-            flags = fh.read(1 << 16)
-    except OSError:
-        return False
-    return "amx_bf16" in flags
+def pick_speed(settings: Settings, device: torch.device) -> Choice:
+    """Precision and Winograd convolutions for ``settings`` on ``device``: as forced by the
+    settings, else the fastest accurate way measured on this machine (core/engine/autotune.py:
+    a short probe on first use, cached per machine and torch version). Never from CPU flags:
+    bf16 was 2.5x faster than fp32 on one AVX512-BF16 CPU (with AMX), 1.6x slower on another
+    (without) and 1.3x faster on a third (AMD Zen 4, no AMX; docs/BENCHMARKS.md)."""
+    return autotune.choose(settings.precision, settings.winograd, device)
 
 
 def pick_precision(settings: Settings, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for the backbone, or None for fp32 (see benchmarks/ for the numbers)."""
-    if settings.precision == "fp32":
-        return None
-    if settings.precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_has_amx() else None
-    return None
+    """The autocast dtype for the backbone, or None for fp32 (see ``pick_speed``)."""
+    return torch.bfloat16 if pick_speed(settings, device).precision == "bf16" else None
 
 
 def pick_winograd(settings: Settings, device: torch.device) -> bool:
-    """Winograd convolutions where they measured faster: fp32 on CPU (core/engine/cpu/winograd.py).
-
-    CUDA's cuDNN picks its own algorithms (Winograd among them); MPS has its own kernels."""
-    if settings.winograd is not None:
-        return settings.winograd
-    return device.type == "cpu" and pick_precision(settings, device) is None
+    """Winograd convolutions (core/engine/cpu/winograd.py), where measured faster on this CPU
+    (see ``pick_speed``). CUDA's cuDNN and MPS choose their own convolution algorithms, so the
+    probe offers Winograd on CPUs only."""
+    return pick_speed(settings, device).winograd
 
 
 def pick_fused_pooling(settings: Settings, device: torch.device) -> bool:

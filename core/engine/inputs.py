@@ -60,5 +60,6 @@ def load_inputs(content: ImageInput, styles: list[tuple[ImageInput, float]], s: 
     ]
     init = None
     if s.init == "image":
+        assert s.init_image is not None  # Settings' validation: init "image" needs init_image
         init = split_alpha(images.load_image(s.init_image, name="init image"))[0]
     return Inputs(photo, alpha, style_imgs, init)

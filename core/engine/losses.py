@@ -19,6 +19,7 @@ All terms are computed in float32 even when the backbone runs in bfloat16.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -36,13 +37,13 @@ class _Gram(torch.autograd.Function):
 
     A bf16 activation (autocast) is multiplied in float32 (the Gram must be exact: the style
     loss is a small difference of Grams), but its gradient is bf16 whatever precision the
-    product has, so the backward product runs in bf16: on an AMX CPU a fifth of the time of
-    the float32 one (docs/BENCHMARKS.md), and only the bf16 activation is kept for it, not a
+    product has, so the backward product runs in bf16: on an AMX CPU far faster than the float32
+    one (docs/BENCHMARKS.md), and only the bf16 activation is kept for it, not a
     float32 copy (about 90 MB at 512 px).
     """
 
     @staticmethod
-    def forward(ctx, mat: torch.Tensor, positions_first: bool, n: int) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, mat: torch.Tensor, positions_first: bool, n: int) -> torch.Tensor:
         ctx.save_for_backward(mat)
         ctx.positions_first, ctx.n = positions_first, n
         f = mat.float()  # a transient copy unless already float32
@@ -53,7 +54,7 @@ class _Gram(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         (mat,) = ctx.saved_tensors
         sym = (grad + grad.transpose(1, 2)).div_(ctx.n).to(mat.dtype)
         return (torch.bmm(mat, sym) if ctx.positions_first else torch.bmm(sym, mat)), None, None
@@ -70,6 +71,68 @@ def gram(features: torch.Tensor) -> torch.Tensor:
     return _Gram.apply(f.reshape(b, c, h * w), False, h * w)
 
 
+class _GuidedGram(torch.autograd.Function):
+    """``sum_p w_p f_p f_p^T / sum_p w_p``: a Gram matrix with a weight per position, Gatys et
+    al. 2017's guided Gram (*Controlling Perceptual Factors in Neural Style Transfer*, section
+    4: each region's style statistics are taken over that region's guidance channel).
+
+    Same layout and precision rules as ``_Gram``; the weighted copy of the activation is a
+    transient in both passes (the forward's and the backward's), so only the activation itself,
+    which the network keeps anyway, is saved.
+    """
+
+    @staticmethod
+    def forward(ctx, mat: torch.Tensor, weights: torch.Tensor, positions_first: bool, n: float):
+        ctx.save_for_backward(mat, weights)
+        ctx.positions_first, ctx.n = positions_first, n
+        f = mat.float()
+        if positions_first:
+            product = torch.bmm((f * weights).transpose(1, 2), f)
+        else:
+            product = torch.bmm(f * weights, f.transpose(1, 2))
+        return product.div_(n)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        mat, weights = ctx.saved_tensors
+        sym = (grad + grad.transpose(1, 2)).div_(ctx.n).to(mat.dtype)
+        weighted = mat * weights.to(mat.dtype)
+        out = torch.bmm(weighted, sym) if ctx.positions_first else torch.bmm(sym, weighted)
+        return out, None, None, None
+
+
+def guided_gram(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Gram matrix of a (B, C, H, W) activation with a weight per position, ``weights`` of shape
+    (1, 1, H, W) (non-negative, not all zero), divided by the weights' sum, in float32. With
+    all weights 1 it is :func:`gram`."""
+    b, c, h, w = features.shape
+    f = features if features.dtype in (torch.bfloat16, torch.float16) else features.float()
+    wts = weights.float()
+    n = float(wts.sum())
+    if f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous():
+        mat = f.permute(0, 2, 3, 1).reshape(b, h * w, c)
+        return _GuidedGram.apply(mat, wts.reshape(1, h * w, 1), True, n)
+    return _GuidedGram.apply(f.reshape(b, c, h * w), wts.reshape(1, 1, h * w), False, n)
+
+
+class GramGuide:
+    """Style weight per position for the guided Gram matrices of one scale: ``weights``
+    (1, 1, H, W) at the image's resolution, area-resampled to each layer's resolution once
+    (Gatys et al. 2017 resample their guidance channels the same way)."""
+
+    def __init__(self, weights: torch.Tensor) -> None:
+        self.weights = weights.float()
+        self._at: dict[tuple[int, int], torch.Tensor] = {}
+
+    def gram(self, features: torch.Tensor) -> torch.Tensor:
+        size = (features.shape[-2], features.shape[-1])
+        wts = self._at.get(size)
+        if wts is None:
+            wts = self._at[size] = F.interpolate(self.weights, size=size, mode="area")
+        return guided_gram(features, wts)
+
+
 def scaled_mse(input: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """``sum(d^2) / sum(|d|)``: MSE rescaled so its gradient's L1 norm is about one."""
     diff = input.float() - target
@@ -79,6 +142,8 @@ def scaled_mse(input: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> 
 class ContentLoss(nn.Module):
     """Distance between activations and the photo's activations at the same layer."""
 
+    target: torch.Tensor
+
     def __init__(self, target: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("target", target.detach().float())
@@ -87,11 +152,40 @@ class ContentLoss(nn.Module):
         return scaled_mse(input, self.target)
 
 
+class MaskedContentLoss(nn.Module):
+    """Content loss inside a soft region only: spatial guidance of the content term, in the
+    manner of Gatys et al. 2017 (*Controlling Perceptual Factors in Neural Style Transfer*,
+    section 4), who guide each term by a mask resampled to each layer's resolution.
+
+    ``mask`` is (1, 1, H, W) at any resolution (the image's); it is area-resampled to the
+    target's positions once, here, so it follows whatever scale or tile the target was taken
+    at. Both sides are weighted by the mask, so positions outside it neither pull nor count.
+    ``coverage`` (the mask's mean at this layer) lets the engine scale the term: the scaled MSE
+    gives any region a gradient of L1 norm ~1, so the weight per position of a term over a
+    fraction ``a`` of the image is ``1/a`` times that of a term over all of it.
+    """
+
+    target: torch.Tensor
+    mask: torch.Tensor
+
+    def __init__(self, target: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        m = F.interpolate(mask.float(), size=target.shape[-2:], mode="area")
+        self.register_buffer("mask", m)
+        self.register_buffer("target", target.detach().float() * m)
+        self.coverage = float(m.mean())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return scaled_mse(input.float() * self.mask, self.target)
+
+
 class StyleLoss(nn.Module):
     """Distance between Gram matrices (the target is a Gram, possibly a blend of several).
 
     Takes an activation (B, C, H, W) or its Gram (B, C, C) already taken, as the engine does
     during the forward pass (feature key ``gram_key(layer)``)."""
+
+    target: torch.Tensor
 
     def __init__(self, target_gram: torch.Tensor) -> None:
         super().__init__()
@@ -117,6 +211,24 @@ class TVLoss(nn.Module):
         d3 = (x[..., s4, s4] - x[..., s3, s3]).pow(2).mean() / 12
         d4 = (x[..., s4, s3] - x[..., s3, s4]).pow(2).mean() / 12
         return 2 * (d1 + d2 + d3 + d4)
+
+
+class TemporalLoss(nn.Module):
+    """Ruder et al.'s temporal consistency: ``mean(c * (x - w)^2)`` over every pixel value, where
+    ``w`` is the previous painted frame carried into this one along the optical flow and ``c``
+    (1, 1, H, W) is 1 where that flow is trusted and 0 elsewhere (core/flow.py). A mean over all
+    values like theirs, so its weight carries over (see settings.TEMPORAL_WEIGHT)."""
+
+    target: torch.Tensor
+    mask: torch.Tensor
+
+    def __init__(self, warped: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("target", warped.detach().float())
+        self.register_buffer("mask", mask.detach().float())
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return (self.mask * (input.float() - self.target).pow(2)).mean()
 
 
 class LayerApply(nn.Module):
@@ -155,7 +267,7 @@ class SumLoss(nn.Module):
         parts: dict[str, torch.Tensor] = {}
         for name, terms in self.groups.items():
             value = torch.zeros_like(total)
-            for term in terms:
+            for term in cast(nn.ModuleList, terms):
                 value = value + term(feats)
             parts[name] = value.detach()
             total = total + value

@@ -12,7 +12,7 @@ from torch import nn
 
 from core.engine import backbones
 from core.engine.cpu import fusion, winograd
-from core.engine.losses import gram, gram_key
+from core.engine.losses import GramGuide, gram, gram_key
 from core.errors import SettingsError
 from core.settings import Settings
 
@@ -87,7 +87,8 @@ def build_model(
     model = backbones.build(plan.arch.name, state, plan.layers, normalization=normalization)
     model = model.to(opts.device)
     if opts.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        # Module.to takes memory_format (torch docs); the stubs lack it.
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if opts.winograd:
         winograd.convert(model.features)
     if opts.fused_pooling:
@@ -121,10 +122,14 @@ class Forward:
         )
 
     def __call__(
-        self, x: torch.Tensor, layers: Sequence[str] | None = None, grams: Collection[str] = ()
+        self,
+        x: torch.Tensor,
+        layers: Sequence[str] | None = None,
+        grams: Collection[str] = (),
+        guide: GramGuide | None = None,
     ) -> dict[str, torch.Tensor]:
         """Activations by layer name, plus the Gram matrix of each layer in ``grams`` under
-        ``gram_key(layer)``. Each Gram is taken as soon as its layer exists, so autograd (which
+        ``gram_key(layer)`` (weighted per position by ``guide`` when given). Each Gram is taken as soon as its layer exists, so autograd (which
         runs the most recently created nodes first) computes its gradient only when the backward
         pass reaches that layer, instead of holding every style layer's gradient through the
         whole backward pass (docs/BENCHMARKS.md has the memory this saves)."""
@@ -135,7 +140,7 @@ class Forward:
         def take_gram(name: str, h: torch.Tensor) -> None:
             if name in grams:
                 with torch.autocast(self.device.type, enabled=False):  # Grams stay float32
-                    taken[gram_key(name)] = gram(h)
+                    taken[gram_key(name)] = gram(h) if guide is None else guide.gram(h)
 
         if self.dtype is None:
             feats = self.model(x, layers, take_gram if grams else None)

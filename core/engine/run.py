@@ -8,24 +8,25 @@ twice.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any, Generic, TypeVar
 
 import torch
 from PIL import Image
 
-from core import images
+from core import faces, images
 from core.engine import backbones, colour
 from core.engine.cpu import memory
 from core.engine.device import (
     pick_channels_last,
     pick_device,
     pick_fused_pooling,
-    pick_precision,
-    pick_winograd,
+    pick_speed,
 )
 from core.engine.inputs import Inputs, load_inputs, split_styles
 from core.engine.losses import SumLoss, gram
@@ -43,6 +44,7 @@ from core.engine.scale import (
     ScalePlan,
     ScaleResult,
     build_objective,
+    face_guide,
     optimise_scale,
     start_image,
     style_size,
@@ -79,11 +81,18 @@ class LRU(Generic[K, V]):
     def values(self) -> list[V]:
         return list(self._items.values())
 
+    def items(self) -> list[tuple[K, V]]:
+        return list(self._items.items())
+
     def clear(self) -> None:
         self._items.clear()
 
     def __len__(self) -> int:
         return len(self._items)
+
+
+MAX_LONG_SIDE = 8192
+"""The longest painting a thin panorama may grow to (the largest ``Settings.size``)."""
 
 
 # ---- planning -------------------------------------------------------------------------------
@@ -101,16 +110,37 @@ def pyramid(min_size: int, size: int, enabled: bool) -> list[int]:
     return sorted(scales)
 
 
-def plan_scales(s: Settings, photo_size: tuple[int, int], min_side: int) -> list[ScalePlan]:
-    """The pyramid's sizes and step budgets. Scales whose short side cannot reach the deepest
-    layer are skipped; the first scale gets ``first_iterations`` when there are several."""
-    out_w, out_h = fit(photo_size, s.size)
-    if min(out_w, out_h) < min_side:
+def output_long_side(
+    photo_size: tuple[int, int], size: int, min_side: int
+) -> tuple[int, list[str]]:
+    """The painting's long side: ``size``, unless the photo is so thin (a panorama) that its
+    short side would be under ``min_side``, the least the network can take; then the smallest
+    size that gives that short side (the long side grows), with a note saying so."""
+    width, height = photo_size
+    if min(fit(photo_size, size)) >= min_side:
+        return size, []
+    long_side = math.ceil(min_side * max(width, height) / min(width, height))
+    if long_side > MAX_LONG_SIDE:
         raise ImageError(
-            f"The content image is too thin for a {s.size} px output: its short side would be "
-            f"{min(out_w, out_h)} px, and at least {min_side} px are needed. Use a larger size."
+            f"The content image is {width}x{height} pixels, too thin to paint: for its short "
+            f"side to reach the {min_side} px the network needs, its long side would be "
+            f"{long_side} px, over the {MAX_LONG_SIDE} px limit. Crop it first."
         )
-    sizes = [fit(photo_size, side) for side in pyramid(s.min_size, s.size, s.pyramid)]
+    out_w, out_h = fit(photo_size, long_side)
+    note = (
+        f"The photo is very thin ({width}x{height}): at {size} px its short side would be "
+        f"under the {min_side} px the network needs, so it was painted at {out_w}x{out_h}."
+    )
+    return long_side, [note]
+
+
+def plan_scales(s: Settings, photo_size: tuple[int, int], min_side: int) -> list[ScalePlan]:
+    """The pyramid's sizes and step budgets, up to ``output_long_side``. Scales whose short
+    side cannot reach the deepest layer are skipped; the first scale gets ``first_iterations``
+    when there are several."""
+    long_side = output_long_side(photo_size, s.size, min_side)[0]
+    out_w, out_h = fit(photo_size, long_side)
+    sizes = [fit(photo_size, side) for side in pyramid(s.min_size, long_side, s.pyramid)]
     sizes = [wh for wh in sizes if min(wh) >= min_side] or [(out_w, out_h)]
     if len(sizes) == 1:
         iters = [s.iterations if s.initial_iterations is None else s.initial_iterations]
@@ -123,9 +153,13 @@ def plan_scales(s: Settings, photo_size: tuple[int, int], min_side: int) -> list
 class Engine:
     """Paints images, keeping what is worth keeping between runs of one process: the built
     backbones (``models``, LRU of two) and the style images' Gram targets (``targets``, LRU of
-    32, so a preset used again is free)."""
+    32, so a preset used again is free). ``keep_heap`` False leaves glibc's allocator
+    settings alone during runs (core/engine/cpu/memory.py; the benchmark's allocator lever)."""
 
-    def __init__(self, model_cache_size: int = 2, target_cache_size: int = 32) -> None:
+    def __init__(
+        self, model_cache_size: int = 2, target_cache_size: int = 32, *, keep_heap: bool = True
+    ) -> None:
+        self.keep_heap = keep_heap
         self.models: LRU[tuple, backbones.FeatureExtractor] = LRU(model_cache_size)
         self.targets: LRU[tuple, Grams] = LRU(target_cache_size)
 
@@ -149,12 +183,10 @@ class Engine:
         Raises ImageError / SettingsError / WeightsError for user errors and Cancelled when
         ``should_stop()`` returns True (checked once per optimiser step).
         """
-        memory.keep_freed_memory()  # no page faults from step to step (cpu/memory.py)
-        try:
+        # No page faults from step to step, only during the run (core/engine/cpu/memory.py).
+        with memory.during_run(self.keep_heap):
             run = _Run(self, content, styles, settings or Settings(), on_progress, should_stop)
             return run.result()
-        finally:
-            memory.release()
 
     def warm_up(self, settings: Settings) -> None:
         """Build (and cache) the backbone ``settings`` use, ahead of the first run."""
@@ -167,12 +199,13 @@ class Engine:
     ) -> tuple[backbones.FeatureExtractor, str]:
         """The frozen extractor for these settings, built once per engine; and its source."""
         wf = weight_file(settings)
+        speed = pick_speed(settings, device)
         opts = BuildOptions(
             device,
             channels_last,
-            pick_winograd(settings, device),
+            speed.winograd,
             pick_fused_pooling(settings, device),
-            pick_precision(settings, device),
+            speed.dtype,
         )
         mtime = os.path.getmtime(wf.path) if wf.path else 0.0
         key = (
@@ -233,13 +266,18 @@ class _Run:
         style_items = split_styles(styles)
         self.plan = layer_plan(s)
         self.inputs: Inputs = load_inputs(content, style_items, s)
+        self.faces = faces.detect_faces(self.inputs.photo) if s.keep_faces > 0 else []
         self.device = pick_device(s.device)
-        self.dtype = pick_precision(s, self.device)
+        self.speed = pick_speed(s, self.device)  # the probe runs here on first use
+        self.dtype = self.speed.dtype
         self.channels_last = pick_channels_last(s, self.device)
         model, self.source = engine.load_model(s, self.plan, self.device, self.channels_last)
         self.fwd = Forward(model, self.device, self.dtype, self.channels_last)
         torch.manual_seed(s.seed)
         self.gen = torch.Generator().manual_seed(s.seed)
+        self.long_side, self.notes = output_long_side(
+            self.inputs.photo.size, s.size, self.plan.arch.min_side
+        )
         scales = plan_scales(s, self.inputs.photo.size, self.plan.arch.min_side)
         self.colours = colour.Preservation(
             s.preserve_colors, to_tensor(self.inputs.photo, self.device)
@@ -284,11 +322,19 @@ class _Run:
             self.cache_hits += hit
             yield grams, blend / self.blend_total
 
-    def _objective(self, size: tuple[int, int]) -> SumLoss:
+    def _face_mask(self, size: tuple[int, int]) -> torch.Tensor | None:
+        """The soft mask over the faces at this scale, (1, 1, H, W); None without faces, so a
+        photo without one is painted by exactly the code of ``keep_faces=0``."""
+        if not self.faces:
+            return None
+        return torch.from_numpy(faces.face_mask(self.faces, size))[None, None].to(self.device)
+
+    def _objective(self, size: tuple[int, int], mask: torch.Tensor | None) -> SumLoss:
         content_t = self.colours.content_tensor(
             to_tensor(resize(self.inputs.photo, size), self.device)
         )
-        return build_objective(self.s, self.plan, self.fwd, content_t, self._style_targets(size))
+        targets = self._style_targets(size)
+        return build_objective(self.s, self.plan, self.fwd, content_t, targets, mask)
 
     def _first_image(self, size: tuple[int, int]) -> torch.Tensor:
         """The first scale's start: the photo, seeded noise or the given image."""
@@ -307,8 +353,11 @@ class _Run:
         restored: list[int] = []  # scales whose best evaluated image replaced a worse last one
         for index, scale in enumerate(self.scales):
             memory.release()
-            done = self._whole(index, scale, image) if scale.grid is None else (
-                self._tiled(index, scale, image)
+            # The previous scale's image goes in a box the scale empties once it has started
+            # from it, so that it is not held through the scale's steps.
+            previous, image = [image], None
+            done = self._whole(index, scale, previous) if scale.grid is None else (
+                self._tiled(index, scale, previous)
             )  # fmt: skip
             image, losses = done.image, (done.losses if done.steps else losses)
             steps.append(done.steps)
@@ -322,43 +371,50 @@ class _Run:
             metadata=self._metadata(steps, restored, losses),
         )
 
-    def _whole(self, index: int, scale: ScalePlan, previous: torch.Tensor | None) -> ScaleResult:
+    def _whole(
+        self, index: int, scale: ScalePlan, previous: list[torch.Tensor | None]
+    ) -> ScaleResult:
         """A scale that fits the memory budget, optimised at once."""
-        objective = self._objective(scale.size)
+        mask = self._face_mask(scale.size)
+        objective = self._objective(scale.size, mask)
+        guide = face_guide(self.s, mask) if mask is not None else None
         image = start_image(
             self.s,
             scale.size,
-            previous,
-            lambda size=scale.size: self._first_image(size),
+            previous.pop(),
+            partial(self._first_image, scale.size),
             self.colours.content_tensor,
         )
         # Trimmed here, after the targets: the steps then reuse their own freed blocks, and
         # the peak stays near what is live (one trim per scale, before its first step).
         memory.release()
         return optimise_scale(
-            self.s, self.fwd, self.plan, objective, image, index, self.clock, self.should_stop
-        )
+            self.s, self.fwd, self.plan, objective, image, index, self.clock,
+            self.should_stop, guide,
+        )  # fmt: skip
 
-    def _tiled(self, index: int, scale: ScalePlan, previous: torch.Tensor | None) -> ScaleResult:
+    def _tiled(
+        self, index: int, scale: ScalePlan, previous: list[torch.Tensor | None]
+    ) -> ScaleResult:
         """A scale over the memory budget, painted in tiles (core/engine/tiled.py)."""
         targets = list(self._style_targets(scale.size))
         canvas = start_canvas(
             scale.size,
-            previous,
-            lambda size=scale.size: self._first_image(size),
+            previous.pop(),
+            partial(self._first_image, scale.size),
             self.colours.content_tensor,
         )
         photo = resize(self.inputs.photo, scale.size)
         return paint_tiled(
             self.s, self.plan, self.fwd, index, self.clock, self.should_stop, canvas, photo,
-            self.colours.content_tensor, targets,
+            self.colours.content_tensor, targets, self._face_mask(scale.size),
         )  # fmt: skip
 
     def _output_image(self, image: torch.Tensor) -> Image.Image:
         """The optimised tensor as the output: colours finished, at the requested size, with
         the content's alpha put back."""
         out = to_image(self.colours.finish(image))
-        size = fit(self.inputs.photo.size, self.s.size)
+        size = fit(self.inputs.photo.size, self.long_side)
         if out.size != size:
             out = out.resize(size, Image.Resampling.LANCZOS)
         if self.inputs.alpha is not None:
@@ -379,7 +435,8 @@ class _Run:
             "device": str(device),
             "precision": "fp32" if self.dtype is None else str(self.dtype).replace("torch.", ""),
             "channels_last": self.channels_last,
-            "winograd": pick_winograd(s, device),
+            "winograd": self.speed.winograd,
+            "speed": self.speed.metadata(),  # the path, why, and the timings it was chosen by
             "fused_pooling": pick_fused_pooling(s, device),
             "scales": [list(p.size) for p in self.scales],
             "steps": steps,
@@ -389,10 +446,18 @@ class _Run:
             "losses": losses,
             "style_cache_hits": self.cache_hits,
             "seconds": round(time.perf_counter() - self.started, 3),
+            "notes": self.notes,
+            "faces": self._faces_metadata(),
         }
         if s.extra:
             metadata["extra"] = s.extra
         return metadata
+
+    def _faces_metadata(self) -> dict[str, Any] | None:
+        """The face boxes used, in the painting's pixels (None when keep_faces is off)."""
+        if self.s.keep_faces <= 0:
+            return None
+        return faces.faces_metadata(self.faces, fit(self.inputs.photo.size, self.long_side))
 
 
 _default: Engine | None = None

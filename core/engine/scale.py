@@ -16,11 +16,14 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from core import faces
 from core.engine import colour
 from core.engine.cpu.lbfgs import LBFGS
 from core.engine.losses import (
     ContentLoss,
+    GramGuide,
     LayerApply,
+    MaskedContentLoss,
     Scale,
     StyleLoss,
     SumLoss,
@@ -91,17 +94,46 @@ def style_size(img_size: tuple[int, int], scale_size: tuple[int, int], s: Settin
 
 
 def content_terms(
-    s: Settings, plan: LayerPlan, fwd: Forward, content_t: torch.Tensor
+    s: Settings,
+    plan: LayerPlan,
+    fwd: Forward,
+    content_t: torch.Tensor,
+    face_mask: torch.Tensor | None = None,
 ) -> list[nn.Module]:
+    """The content loss of each content layer, plus ``face_terms`` under ``face_mask``."""
     with torch.no_grad():
         content_feats = fwd(content_t, plan.content)
-    return [
+    terms: list[nn.Module] = [
         Scale(
             LayerApply(ContentLoss(content_feats[n]), n),
             s.effective_content_weight / len(plan.content),
         )
         for n in plan.content
     ]
+    if face_mask is not None:
+        terms += face_terms(s, plan, content_feats, face_mask)
+    return terms
+
+
+def face_terms(
+    s: Settings, plan: LayerPlan, content_feats: dict[str, torch.Tensor], mask: torch.Tensor
+) -> list[nn.Module]:
+    """Extra content terms over the faces (``Settings.keep_faces``): with the base term, the
+    content weight per position inside a face is ``content_factor(keep_faces)`` times that
+    outside (MaskedContentLoss says why the weight is scaled by the mask's coverage)."""
+    extra = faces.content_factor(s.keep_faces) - 1.0
+    terms: list[nn.Module] = []
+    for n in plan.content:
+        term = MaskedContentLoss(content_feats[n], mask)
+        weight = s.effective_content_weight / len(plan.content) * extra * term.coverage
+        terms.append(Scale(LayerApply(term, n), weight))
+    return terms
+
+
+def face_guide(s: Settings, mask: torch.Tensor) -> GramGuide:
+    """Style weight per position: ``style_factor(keep_faces)`` inside the faces, 1 elsewhere,
+    for the guided Gram matrices of the image being painted (the style targets stay plain)."""
+    return GramGuide(1.0 - mask * (1.0 - faces.style_factor(s.keep_faces)))
 
 
 def style_terms(
@@ -132,10 +164,12 @@ def build_objective(
     fwd: Forward,
     content_t: torch.Tensor,
     style_targets: Iterable[tuple[Grams, float]],
+    face_mask: torch.Tensor | None = None,
 ) -> SumLoss:
-    """Content, style and TV terms of one scale. ``style_targets`` is read after the content
-    features are dropped (pass a generator to compute the targets only then)."""
-    content = content_terms(s, plan, fwd, content_t)
+    """Content, style and TV terms of one scale (with faces kept under ``face_mask``, a soft
+    (1, 1, H, W) mask at this scale). ``style_targets`` is read after the content features
+    are dropped (pass a generator to compute the targets only then)."""
+    content = content_terms(s, plan, fwd, content_t, face_mask)
     style = style_terms(s, plan, style_targets)
     tv = [Scale(LayerApply(TVLoss(), "input"), s.tv_weight)]
     return SumLoss({"content": content, "style": style, "tv": tv})
@@ -306,10 +340,11 @@ def _closure(
     image: torch.Tensor,
     objective: SumLoss,
     best: BestImage | None,
+    guide: GramGuide | None,
 ) -> Callable[[], torch.Tensor]:
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)  # one gradient buffer for the whole scale
-        feats = fwd(image, grams=grams)
+        feats = fwd(image, grams=grams, guide=guide)
         feats["input"] = image
         loss = objective(feats)
         loss.backward()
@@ -352,12 +387,14 @@ def optimise_scale(
     index: int,
     clock: ProgressClock,
     should_stop: Callable[[], bool] | None,
+    guide: GramGuide | None = None,
 ) -> ScaleResult:
-    """Run scale ``index`` from the leaf ``image``; raises Cancelled when ``should_stop()``
-    (checked before every step) says so."""
+    """Run scale ``index`` from the leaf ``image`` (style Grams guided by ``guide``, see
+    ``face_guide``); raises Cancelled when ``should_stop()`` (checked before every step) says
+    so."""
     opt, average = make_optimizer(s, image)
     best = BestImage() if average is None else None
-    closure = _closure(opt, fwd, plan.style, image, objective, best)
+    closure = _closure(opt, fwd, plan.style, image, objective, best, guide)
     early = EarlyStop(s.early_stop, s.patience)
     losses: dict[str, float] = {}
     it = 0
@@ -365,7 +402,8 @@ def optimise_scale(
         if should_stop is not None and should_stop():
             raise Cancelled()
         t0 = time.perf_counter()
-        opt.step(closure)
+        # The stubs type the closure as returning float; torch's optimisers take the loss tensor.
+        opt.step(closure)  # type: ignore[arg-type]
         if average is not None:
             with torch.no_grad():
                 image.clamp_(0, 1)  # box constraint for Adam (not L-BFGS) [crowsonkb]

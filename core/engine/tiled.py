@@ -30,6 +30,7 @@ from core.engine.scale import (
     ScaleResult,
     TileStep,
     build_objective,
+    face_guide,
     optimise_scale,
 )
 from core.engine.tensors import to_tensor
@@ -55,6 +56,7 @@ class MemoryPlan:
     @classmethod
     def for_run(cls, s: Settings, device: torch.device, dtype: torch.dtype | None) -> MemoryPlan:
         """The budget of ``s.max_memory`` on ``device``: GPU memory on CUDA, else RAM."""
+        free: int | None
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             held = torch.cuda.memory_allocated(device)
@@ -202,10 +204,11 @@ def paint_tiled(
     photo: Image.Image,
     content_prep: Callable[[torch.Tensor], torch.Tensor],
     targets: Iterable[tuple[Grams, float]],
+    face_mask: torch.Tensor | None = None,
 ) -> ScaleResult:
     """Scale ``index`` of ``clock.scales`` (which has a grid) painted tile by tile onto
     ``canvas`` (its start image, changed in place); ``photo`` is the photo at the scale's
-    size. The losses reported are the tiles' last ones weighted by their cores' areas (every
+    size; ``face_mask`` (the scale's, see run.py) is cut to each tile. The losses reported are the tiles' last ones weighted by their cores' areas (every
     term is a mean over positions, so this estimates the whole image's)."""
     grid = clock.scales[index].grid
     assert grid is not None
@@ -217,18 +220,24 @@ def paint_tiled(
         remaining -= tile.pixels
         clock.begin_tile(TileStep(k, tile.pixels, remaining, composer(canvas, tile)))
         content_t = content_prep(to_tensor(photo.crop(tile.box), canvas.device))
-        objective = build_objective(s, plan, fwd, content_t, targets)
+        mask = None if face_mask is None else _cut(face_mask, tile)
+        objective = build_objective(s, plan, fwd, content_t, targets, mask)
+        guide = None if mask is None else face_guide(s, mask)
         del content_t
         region = canvas[:, :, tile.y : tile.y + tile.height, tile.x : tile.x + tile.width]
         leaf = region.clone().requires_grad_(True)
         memory.release()
-        done = optimise_scale(s, fwd, plan, objective, leaf, index, clock, should_stop)
+        done = optimise_scale(s, fwd, plan, objective, leaf, index, clock, should_stop, guide)
         blend(canvas, tile, done.image)
         x0, y0, x1, y1 = tile.core
         share = (x1 - x0) * (y1 - y0) / (grid.width * grid.height)
         for name, value in done.losses.items():
             totals[name] = totals.get(name, 0.0) + value * share
         steps, restored = steps + done.steps, restored or done.restored_best
-        del objective, leaf, done
+        del objective, leaf, done, mask, guide
     clock.end_tiles()
     return ScaleResult(canvas, totals, steps, restored)
+
+
+def _cut(t: torch.Tensor, tile: tiles.Tile) -> torch.Tensor:
+    return t[:, :, tile.y : tile.y + tile.height, tile.x : tile.x + tile.width].contiguous()

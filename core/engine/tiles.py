@@ -86,7 +86,7 @@ def cuts_for(length: int, count: int, shift: float, align: int = 1) -> tuple[int
     Unshifted: ``count - 1`` cuts; shifted: ``count`` cuts (one more, shorter first and last
     core). Positions are rounded to multiples of ``align``."""
     step = length / count
-    cuts = []
+    cuts: list[int] = []
     for i in range(count + 1):
         pos = int(round((i + shift) * step / align)) * align
         if 0 < pos < length and (not cuts or pos > cuts[-1]):

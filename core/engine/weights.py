@@ -1,28 +1,32 @@
 """Pretrained weights: named sources, a verified download into torch's hub cache, and loading.
 
 Files live in ``torch.hub.get_dir()/checkpoints`` under torch hub's own names, so a checkpoint
-torchvision already downloaded is reused and ours are reused by torchvision. A download is
-hashed while it streams and only renamed into place when the hash matches, so the cache never
-holds a file that looks valid but is not. Missing weights are an error, never random weights.
+torchvision already downloaded is reused and ours are reused by torchvision. Downloads are
+``torch.hub.download_url_to_file``'s: streamed into a temporary file beside the destination,
+hashed on the way, and renamed into place only when the SHA-256 prefix in the file name matches,
+so the cache never holds a file that looks valid but is not. This module adds what a user needs
+when that fails: a sentence saying what happened and how to get the file another way. Missing
+weights are an error, never random weights.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import http.client
 import os
 import re
-import sys
-import tempfile
+import socket
 import threading
 import urllib.error
-import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.hub
 from tqdm import tqdm
 
 from core.errors import WeightsError
@@ -31,9 +35,9 @@ ENV_VAR = "PASTICHE_WEIGHTS"
 """A checkpoint file used instead of the cache when no explicit path is given."""
 
 HASH_REGEX = re.compile(r"-([a-f0-9]+)\.")  # torch hub: NAME-<sha256 prefix>.EXT
-CHUNK = 1 << 20
+CHUNK = 1 << 20  # bytes read at a time when hashing a file
 TIMEOUT = 30.0  # seconds per socket operation, not for the whole download
-USER_AGENT = "pastiche"
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class WeightSource:
     arch: str  # a key of core.engine.backbones.ARCHITECTURES
     url: str
     filename: str  # the torch hub cache name (the URL's basename)
-    sha256_prefix: str  # from the file name, torch hub convention; "" = unchecked
+    sha256_prefix: str  # from the file name (torch hub convention); every download is checked
     normalization: str  # "imagenet" (RGB, 0-1, mean/std) or "caffe" (BGR, 0-255 minus mean)
     description: str
 
@@ -52,9 +56,9 @@ class WeightSource:
 def _source(name: str, arch: str, url: str, normalization: str, description: str) -> WeightSource:
     filename = url.rsplit("/", 1)[-1]
     match = HASH_REGEX.search(filename)
-    return WeightSource(
-        name, arch, url, filename, match.group(1) if match else "", normalization, description
-    )
+    if match is None:  # a source we could not verify would defeat the cache's promise
+        raise ValueError(f"{url} has no SHA-256 prefix in its file name")
+    return WeightSource(name, arch, url, filename, match.group(1), normalization, description)
 
 
 SOURCES: dict[str, WeightSource] = {
@@ -85,8 +89,9 @@ SOURCES: dict[str, WeightSource] = {
     )
 }
 
-_locks: dict[Path, threading.Lock] = {}
-_locks_guard = threading.Lock()
+_download_lock = threading.Lock()
+"""One download at a time in this process: two workers never fetch the same file twice, and
+torch.hub's progress bar is ours only while we hold it (see _counting_progress)."""
 
 
 def cache_dir() -> Path:
@@ -161,7 +166,7 @@ def download(name: str, *, progress: bool = True, force: bool = False) -> Path:
 
 def _ensure(src: WeightSource, *, progress: bool, force: bool) -> Path:
     dest = cache_dir() / src.filename
-    with _lock_for(dest):
+    with _download_lock:
         if dest.is_file() and not force:
             return dest
         try:
@@ -174,77 +179,94 @@ def _ensure(src: WeightSource, *, progress: bool, force: bool) -> Path:
     return dest
 
 
-def _lock_for(path: Path) -> threading.Lock:
-    """One lock per file, so two workers in one process do not download it twice."""
-    with _locks_guard:
-        return _locks.setdefault(path, threading.Lock())
+@dataclass
+class _Tally:
+    """Bytes announced (Content-Length) and received, as torch.hub's progress bar saw them."""
+
+    total: int | None = None
+    received: int = 0
 
 
 def _fetch(src: WeightSource, dest: Path, progress: bool) -> None:
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    tmp = Path(tmp_name)
+    """torch.hub's download, with its failures turned into WeightsErrors a user can act on."""
+    tally = _Tally()
     try:
-        with os.fdopen(fd, "wb") as out:
-            digest = _stream(src, out, progress)
-        if src.sha256_prefix and not digest.startswith(src.sha256_prefix):
-            raise WeightsError(
-                f"The download of {src.name} from {src.url} is corrupt: its SHA-256 is "
-                f"{digest[:16]}..., expected {src.sha256_prefix}...; nothing was saved. "
-                "Try again; if it keeps happening, the file on the server has changed."
+        with _socket_timeout(TIMEOUT), _counting_progress(tally, src.filename):
+            torch.hub.download_url_to_file(
+                src.url, str(dest), hash_prefix=src.sha256_prefix, progress=progress
             )
-        tmp.chmod(0o644)  # mkstemp makes it private; the cache is shared like torch hub's
-        os.replace(tmp, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-
-
-def _stream(src: WeightSource, out, progress: bool) -> str:
-    """Copy the URL's body into ``out``; the body's sha256. Network faults -> WeightsError."""
-    sha = hashlib.sha256()
-    received = 0
-    expected: int | None = None
-    request = urllib.request.Request(src.url, headers={"User-Agent": USER_AGENT})
-    try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT) as resp:
-            length = resp.headers.get("Content-Length")
-            expected = int(length) if length and length.isdigit() else None
-            with tqdm(
-                total=expected,
-                unit="B",
-                unit_scale=True,
-                unit_divisor=1024,
-                desc=src.filename,
-                file=sys.stderr,
-                disable=not progress,
-                leave=False,
-            ) as bar:
-                while True:
-                    chunk = resp.read(CHUNK)
-                    if not chunk:
-                        break
-                    sha.update(chunk)
-                    try:
-                        out.write(chunk)
-                    except OSError as err:
-                        raise WeightsError(
-                            f"Cannot save the {src.name} weights in {cache_dir()}: "
-                            f"{err.strerror or err}."
-                        ) from err
-                    received += len(chunk)
-                    bar.update(len(chunk))
     except urllib.error.HTTPError as err:
         raise _network_error(src, f"the server answered HTTP {err.code} {err.reason}") from err
     except urllib.error.URLError as err:
         raise _network_error(src, str(err.reason)) from err
-    except http.client.IncompleteRead as err:
-        raise _network_error(src, _dropped(received + len(err.partial), expected)) from err
-    except (OSError, http.client.HTTPException, ValueError) as err:
+    except RuntimeError as err:  # torch.hub's hash check; a body cut short fails it too
+        if "hash" not in str(err):
+            raise
+        raise _bad_download(src, tally, str(err)) from err
+    except OSError as err:
+        raise _os_error(src, err) from err
+    except (http.client.HTTPException, ValueError) as err:
         raise _network_error(src, str(err) or type(err).__name__) from err
-    if expected is not None and received != expected:
-        raise _network_error(src, _dropped(received, expected))
-    return sha.hexdigest()
+
+
+@contextlib.contextmanager
+def _socket_timeout(seconds: float) -> Iterator[None]:
+    """torch.hub opens the URL without a timeout, so a stalled server would hang a worker for
+    good. Give sockets one while we download (under the lock), unless the program set its own."""
+    previous = socket.getdefaulttimeout()
+    if previous is None:
+        socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+@contextlib.contextmanager
+def _counting_progress(tally: _Tally, label: str) -> Iterator[None]:
+    """Let torch.hub's progress bar (its module's ``tqdm``) name the file and count the bytes,
+    so a connection that drops midway is reported as such rather than as a bad hash."""
+    base: Any = tqdm  # looked up per call, so a test can substitute its own bar
+
+    class CountingBar(base):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs.setdefault("desc", label)
+            kwargs.setdefault("leave", False)
+            super().__init__(*args, **kwargs)
+            tally.total = kwargs.get("total")
+
+        def update(self, n: float | None = 1) -> bool | None:
+            tally.received += int(n or 0)
+            return super().update(n)
+
+    hub: Any = torch.hub  # the attribute is torch's own, not part of its typed API
+    previous = hub.tqdm
+    hub.tqdm = CountingBar
+    try:
+        yield
+    finally:
+        hub.tqdm = previous
+
+
+def _bad_download(src: WeightSource, tally: _Tally, reason: str) -> WeightsError:
+    if tally.total is not None and tally.received < tally.total:
+        return _network_error(src, _dropped(tally.received, tally.total))
+    got = re.search(r'got "([0-9a-f]+)"', reason)
+    digest = f"{got.group(1)[:16]}..." if got else "different"
+    return WeightsError(
+        f"The download of {src.name} from {src.url} is corrupt: its SHA-256 is {digest}, "
+        f"expected {src.sha256_prefix}...; nothing was saved. "
+        "Try again; if it keeps happening, the file on the server has changed."
+    )
+
+
+def _os_error(src: WeightSource, err: OSError) -> WeightsError:
+    """A full or read-only disk is ours to report; anything else went wrong on the network."""
+    if err.errno in _DISK_ERRORS or err.filename is not None:
+        return WeightsError(
+            f"Cannot save the {src.name} weights in {cache_dir()}: {err.strerror or err}."
+        )
+    return _network_error(src, str(err) or type(err).__name__)
 
 
 def _dropped(received: int, expected: int | None) -> str:
@@ -259,7 +281,7 @@ def _network_error(src: WeightSource, reason: str) -> WeightsError:
     )
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike[str]) -> str:
     sha = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
@@ -301,7 +323,7 @@ def verify(name_or_path: str) -> tuple[bool, str]:
     )
 
 
-def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """A checkpoint's tensors, loaded safely (``weights_only``, no code runs) onto the CPU."""
     p = Path(path)
     try:
@@ -325,7 +347,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def status() -> list[dict]:
+def status() -> list[dict[str, Any]]:
     """One row per source for ``pastiche weights list``."""
     rows = []
     for src in SOURCES.values():

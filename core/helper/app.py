@@ -11,12 +11,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import io
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,22 @@ from typing import Any
 from aiohttp import web
 
 from core import __version__
+from core.animation import (
+    MAX_FRAMES,
+    Animation,
+    AnimationLimits,
+    encode_animation,
+    load_animation,
+    probe_animation,
+)
 from core.errors import BusyError, ImageError, LimitError, SettingsError
-from core.images import validate_image
+from core.images import encode_image, load_image, validate_image
+from core.jobs.broker import BrokerError
 from core.jobs.events import JobCancelled
 from core.jobs.runner import Job, JobRequest, Runner, RunnerConfig
-from core.presets import PresetLibrary, load_presets
-from core.settings import QUALITY_ITERATIONS, Settings
+from core.presets import Preset, PresetLibrary, load_presets
+from core.requests import request_settings
+from core.settings import Settings
 
 log = logging.getLogger("pastiche.helper")
 
@@ -71,6 +82,12 @@ class HelperOptions:
     """Seconds between housekeeping passes; None = derived from the timeouts."""
     runner_config: RunnerConfig | None = None
     """Overrides workers/max_queue (tests use it to shorten limits)."""
+    backend: str = "local"
+    """Where jobs are painted: local worker processes, or "celery" for workers on other
+    machines (opt-in, docs/SCALING.md), which use their own weights and device, not
+    ``defaults``'s."""
+    broker: str | None = None
+    """Redis URL of the Celery broker (backend "celery")."""
 
 
 @dataclass
@@ -205,6 +222,7 @@ async def health(request: web.Request) -> web.Response:
             "queue_length": runner.queue_length if runner else 0,
             "running": len(runner.running) if runner else 0,
             "workers": (opts.runner_config.workers if opts.runner_config else opts.workers),
+            "backend": opts.backend,
             "max_size": opts.max_size,
             "styles": len(state.presets),
         }
@@ -232,53 +250,85 @@ async def submit(request: web.Request) -> web.Response:
         )
     form = await request.post()
     content = _file_bytes(form.get("content"))
-    style = _file_bytes(form.get("style"))
-    preset_name = str(form.get("preset") or "").strip()
-    if content is None:
+    frames = [data for data in map(_file_bytes, form.getall("frame", [])) if data is not None]
+    if content is None and not frames:
         return _error(400, "The request has no 'content' image.")
+    preset_name = str(form.get("preset") or "").strip()
     try:
-        settings = _settings(state, form.get("settings"), form.get("quality"))
-        if settings.size > state.options.max_size:
-            raise SettingsError(
-                f"This helper paints at most {state.options.max_size} px on the long side, and "
-                f"{settings.size} px were asked for; choose a smaller size, or start the helper "
-                "with a larger --max-size."
-            )
-        if style is not None:
-            label = str(form.get("style_name") or "style").strip()[:64] or "style"
-        elif preset_name:
-            preset = state.presets.get(preset_name)
-            style = await asyncio.to_thread(preset.read_bytes)
-            label = preset.name
-            if preset.strength is not None and not _client_set(form.get("settings"), "strength"):
-                settings = settings.replace(strength=preset.strength)
-        else:
-            return _error(400, "Choose a style: attach a 'style' image or name a 'preset'.")
-        max_pixels = state.runner.config.max_pixels if state.runner else None
-        kwargs = {"max_pixels": max_pixels} if max_pixels else {}
-        await asyncio.to_thread(validate_image, content, name="the image", **kwargs)
-        await asyncio.to_thread(validate_image, style, name="the style image", **kwargs)
-        settings = settings.replace(extra={**settings.extra, "front_end": "gimp", "style": label})
-        runner = await state.started_runner()
-        job = await runner.submit(
-            JobRequest(content=content, styles=((style, 1.0),), settings=settings, label=label),
-            OWNER,
-        )
+        job, label = await _accept(state, form, content, frames)
     except (ImageError, SettingsError) as exc:
         return _error(400, str(exc))
     except LimitError as exc:
         return _error(413, str(exc))
     except BusyError as exc:
         return _error(429, str(exc), retry_after=10)
+    except BrokerError as exc:
+        return _error(503, str(exc))
     except OSError as exc:
         log.warning("cannot read preset %s: %s", preset_name, exc)
         return _error(500, f"The helper cannot read the {preset_name!r} style image.")
     state.jobs[job.id] = Tracked(job, label, time.monotonic())
     log.info(
-        "job %s accepted (%s, %d bytes of content, size %d)", job.id, label, len(content),
-        settings.size,
+        "job %s accepted (%s, %d bytes of content, size %d, keep_faces=%g)",
+        job.id, label, len(job.request.content), job.request.settings.size,
+        job.request.settings.keep_faces,
     )  # fmt: skip
     return web.json_response({"id": job.id, "position": job.position, "style": label}, status=201)
+
+
+async def _accept(
+    state: HelperState, form: Mapping[str, object], content: bytes | None, frames: list[bytes]
+) -> tuple[Job, str]:
+    """Check one job's form and submit it; raises the typed errors the handler turns into
+    HTTP answers (OSError: a preset file that cannot be read any more). ``frames`` (GIMP's
+    layers, one per frame) are painted as one animation, lossless both ways."""
+    clip_format = None
+    if frames:
+        content = await asyncio.to_thread(_animation_of, frames, form.get("durations"))
+        clip_format = "png"
+    assert content is not None
+    style = _file_bytes(form.get("style"))
+    preset_name = str(form.get("preset") or "").strip()
+    preset: Preset | None = None
+    if style is not None:
+        label = str(form.get("style_name") or "style").strip()[:64] or "style"
+    elif preset_name:
+        preset = state.presets.get(preset_name)
+        label = preset.name
+    else:
+        raise SettingsError("Choose a style: attach a 'style' image or name a 'preset'.")
+    settings = _settings(
+        state,
+        form.get("settings"),
+        form.get("quality"),
+        preset_strength=preset.strength if preset else None,
+        notes={"style": label},
+    )
+    _check_size(settings, state.options.max_size)
+    if preset is not None:
+        style = await asyncio.to_thread(preset.read_bytes)
+    assert style is not None
+    max_pixels = state.runner.config.max_pixels if state.runner else None
+    kwargs = {"max_pixels": max_pixels} if max_pixels else {}
+    await asyncio.to_thread(_validate_content, content, kwargs.get("max_pixels"))
+    await asyncio.to_thread(validate_image, style, name="the style image", **kwargs)
+    runner = await state.started_runner()
+    job = await runner.submit(
+        JobRequest(
+            content=content, styles=((style, 1.0),), settings=settings, label=label,
+            animation_format=clip_format,
+        ),
+        OWNER,
+    )  # fmt: skip
+    return job, label
+
+
+def _check_size(settings: Settings, max_size: int) -> None:
+    if settings.size > max_size:
+        raise SettingsError(
+            f"This helper paints at most {max_size} px on the long side, and {settings.size} px "
+            "were asked for; choose a smaller size, or start the helper with a larger --max-size."
+        )
 
 
 @routes.get("/jobs/{id}")
@@ -297,9 +347,25 @@ async def result(request: web.Request) -> web.StreamResponse:
             return _error(409, info["error"] or "The job did not finish.", state=info["state"])
         return _error(409, "The job has not finished yet.", state=info["state"])
     return web.Response(
-        body=done.png,
-        content_type="image/png",
+        body=done.data,
+        content_type=done.mime,
         headers={"X-Pastiche-Style": tracked.style},
+    )
+
+
+@routes.get("/jobs/{id}/frames")
+async def frames_of(request: web.Request) -> web.StreamResponse:
+    """An animation's painted frames as a ZIP of PNGs (frame-0001.png, ...) with
+    ``animation.json`` ({"durations": [ms, ...], "loop": n}): what the GIMP plug-in reads with
+    the standard library alone."""
+    tracked = _tracked(request)
+    done = tracked.job.result
+    if done is None:
+        info = await _status(tracked)
+        return _error(409, info["error"] or "The job has not finished yet.", state=info["state"])
+    body = await asyncio.to_thread(_zip_frames, done.data)
+    return web.Response(
+        body=body, content_type="application/zip", headers={"X-Pastiche-Style": tracked.style}
     )
 
 
@@ -333,14 +399,66 @@ async def _status(tracked: Tracked) -> dict[str, Any]:
         "eta": progress.eta if progress else None,
         "step": progress.step if progress else 0,
         "total_steps": progress.total_steps if progress else 0,
+        "frame": progress.frame if progress else 1,
+        "frames": progress.frames if progress else 1,
         "error": None,
     }
     if job.result is not None:
-        info.update(width=job.result.width, height=job.result.height)
+        meta = job.result.metadata
+        info.update(
+            width=job.result.width,
+            height=job.result.height,
+            frames=job.result.frames,
+            notes=list(meta.get("notes") or ()),
+            faces=list((meta.get("faces") or {}).get("boxes") or ()),
+        )
     elif job.done:
         event = await job.wait()
         info["error"] = event.reason if isinstance(event, JobCancelled) else job.error
     return info
+
+
+def _validate_content(data: bytes, max_pixels: int | None) -> None:
+    """A still image, or every frame of an animation, decoded once before the job is queued."""
+    limit = {"max_pixels": max_pixels} if max_pixels else {}
+    if probe_animation(data) is not None:
+        load_animation(data, limits=AnimationLimits(**limit), max_side=512, name="animation")
+    else:
+        validate_image(data, name="the image", **limit)
+
+
+def _animation_of(frames: list[bytes], raw_durations: object) -> bytes:
+    """The frames (equal-sized images, in order) as one lossless APNG for the worker."""
+    if len(frames) > MAX_FRAMES:
+        raise ImageError(f"The animation has {len(frames)} frames; the limit is {MAX_FRAMES}.")
+    pictures = [load_image(data, name=f"frame {i}") for i, data in enumerate(frames, 1)]
+    if len({p.size for p in pictures}) != 1:
+        raise ImageError("Every frame of an animation must have the same size.")
+    durations = [100] * len(pictures)
+    if raw_durations:
+        try:
+            durations = [int(d) for d in json.loads(str(raw_durations))]
+        except (ValueError, TypeError):
+            raise SettingsError("'durations' must be a JSON list of milliseconds.") from None
+        if len(durations) != len(pictures) or min(durations) < 1:
+            raise SettingsError("'durations' needs one positive number of milliseconds per frame.")
+    if len(pictures) == 1:
+        raise ImageError("An animation needs at least two frames.")
+    return encode_animation(Animation(pictures, durations), "png")
+
+
+def _zip_frames(data: bytes) -> bytes:
+    import zipfile
+
+    clip = load_animation(data)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as archive:  # PNGs are compressed
+        for i, frame in enumerate(clip.frames, 1):
+            archive.writestr(f"frame-{i:04d}.png", encode_image(frame, "png"))
+        archive.writestr(
+            "animation.json", json.dumps({"durations": clip.durations, "loop": clip.loop})
+        )
+    return buf.getvalue()
 
 
 def _file_bytes(value: object) -> bytes | None:
@@ -352,37 +470,38 @@ def _file_bytes(value: object) -> bytes | None:
     return None
 
 
-def _client_set(raw: object, key: str) -> bool:
+def _client_options(raw: object) -> dict[str, Any]:
+    """The client's ``settings`` form field: a JSON object of Settings fields (or nothing)."""
+    if not raw:
+        return {}
     try:
-        return key in json.loads(str(raw)) if raw else False
+        client = json.loads(str(raw))
     except ValueError:
-        return False
+        raise SettingsError("The 'settings' field must be a JSON object.") from None
+    if not isinstance(client, dict):
+        raise SettingsError("The 'settings' field must be a JSON object.")
+    return client
 
 
-def _settings(state: HelperState, raw: object, quality: object) -> Settings:
-    """The helper's defaults overlaid with the client's ``settings`` JSON and ``quality`` tier."""
-    client: Any = {}
-    if raw:
-        try:
-            client = json.loads(str(raw))
-        except ValueError:
-            raise SettingsError("The 'settings' field must be a JSON object.") from None
-        if not isinstance(client, dict):
-            raise SettingsError("The 'settings' field must be a JSON object.")
-    refused = sorted(SERVER_ONLY_SETTINGS & set(client))
-    if refused:
-        raise SettingsError(
-            f"{', '.join(refused)} can only be set when the helper is started, not per job."
-        )
-    if quality:
-        tier = str(quality).strip().lower()
-        if tier not in QUALITY_ITERATIONS:
-            raise SettingsError(
-                f"quality must be one of {', '.join(QUALITY_ITERATIONS)}; got {tier!r}."
-            )
-        client.setdefault("iterations", QUALITY_ITERATIONS[tier])
-    merged = {**state.options.defaults.to_dict(), **client}
-    return Settings.from_dict(merged)
+def _settings(
+    state: HelperState,
+    raw: object,
+    quality: object,
+    *,
+    preset_strength: float | None = None,
+    notes: dict[str, Any] | None = None,
+) -> Settings:
+    """The helper's defaults overlaid with the client's ``settings`` JSON, its ``quality`` tier
+    and the preset's default strength."""
+    return request_settings(
+        "gimp",
+        _client_options(raw),
+        base=state.options.defaults,
+        quality=str(quality) if quality else None,
+        preset_strength=preset_strength,
+        locked=SERVER_ONLY_SETTINGS,
+        notes=notes,
+    )
 
 
 # ---- housekeeping ------------------------------------------------------------------------------
@@ -409,7 +528,11 @@ async def housekeeping(state: HelperState) -> None:
 
 
 async def run_probe(state: HelperState) -> None:
-    """Ask a short-lived process which device and weights the workers will use."""
+    """Ask a short-lived process which device and weights the workers will use (with
+    remote workers: ask the broker which are connected)."""
+    if state.options.backend == "celery":
+        await _probe_remote(state)
+        return
     settings_json = json.dumps(state.options.defaults.to_dict())
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -432,6 +555,34 @@ async def run_probe(state: HelperState) -> None:
         state.probe = {"probe": "failed"}
 
 
+async def _probe_remote(state: HelperState) -> None:
+    try:
+        runner = await state.started_runner()
+        workers = await runner.backend.workers()  # type: ignore[attr-defined]
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        log.warning("could not ask the broker about its workers: %s", exc)
+        state.probe = {"probe": "failed"}
+        return
+    devices = sorted({str(w.get("device")) for w in workers})
+    state.probe = {
+        "device": ", ".join(devices) or "no worker connected",
+        "weights_present": None,
+        "weights_path": None,
+        "weights_message": f"{len(workers)} remote worker(s) with their own weights.",
+    }
+    log.info("remote workers: %s", workers)
+
+
+def _backend(opts: HelperOptions, config: RunnerConfig) -> Any:
+    if opts.backend != "celery":
+        return None
+    from core.jobs.celery_backend import CeleryBackend
+
+    return CeleryBackend(config, opts.broker)
+
+
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
     opts = state.options
@@ -448,7 +599,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     tasks: list[asyncio.Task[None]] = []
     if opts.probe:
         tasks.append(asyncio.create_task(run_probe(state)))
-    state.runner = Runner(config)
+    state.runner = Runner(config, backend=_backend(opts, config))
     if opts.start_workers:
         state.starting = asyncio.create_task(state.runner.start())
     state.touch()

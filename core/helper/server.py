@@ -30,6 +30,7 @@ from core.helper.files import (
     setup_logging,
     write_discovery,
 )
+from core.jobs.broker import BROKER_ENV, BrokerError, normalise_url
 from core.settings import BACKBONES, Settings
 
 log = logging.getLogger("pastiche.helper")
@@ -104,6 +105,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=os.environ.get(PRESETS_ENV),
         help=f"folder with presets.toml (default: ${PRESETS_ENV})",
+    )
+    jobs.add_argument(
+        "--backend",
+        choices=("local", "celery"),
+        default="local",
+        help="local: worker processes on this computer (default); celery: workers on other "
+        "machines through --broker (docs/SCALING.md)",
+    )
+    jobs.add_argument(
+        "--broker",
+        default=os.environ.get(BROKER_ENV),
+        help=f"Redis URL for --backend celery (default: ${BROKER_ENV})",
     )
     model = p.add_argument_group("model (defaults for every job)")
     model.add_argument("--backbone", choices=BACKBONES, default=Settings.backbone)
@@ -188,6 +201,13 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    broker = None
+    if args.backend == "celery":
+        try:
+            broker = normalise_url(args.broker)
+        except BrokerError as exc:
+            print(exc, file=sys.stderr)
+            return 2
     log_file = (args.log_file or default_log_file()).expanduser()
     handler = setup_logging(log_file, verbose=args.verbose)
     options = HelperOptions(
@@ -203,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
         presets=args.presets,
         log_file=log_file,
         extra_hosts=frozenset() if is_loopback(args.host) else frozenset({args.host.lower()}),
+        backend=args.backend,
+        broker=broker,
     )
     discovery = (args.discovery_file or default_discovery_file()).expanduser()
     try:

@@ -12,17 +12,29 @@ from typing import Any
 from core.errors import SettingsError
 from core.settings import Settings
 
+ANIMATION_FORMATS = ("gif", "webp", "png", "mp4")
+
 
 @dataclass(frozen=True)
 class JobRequest:
-    """Everything a worker needs, as plain picklable data (image bytes, not decoded images)."""
+    """Everything a worker needs, as plain picklable data (image bytes, not decoded images).
+
+    ``content`` may be an animation (GIF, WebP, APNG) or a short video (MP4, MOV, WebM): the
+    worker then paints every frame and returns the clip as ``animation_format`` (None = the
+    input's own kind: GIF, WebP or APNG as it came, MP4 for a video)."""
 
     content: bytes
     styles: tuple[tuple[bytes, float], ...]
     settings: Settings = field(default_factory=Settings)
     label: str = ""
+    animation_format: str | None = None
 
     def __post_init__(self) -> None:
+        if self.animation_format is not None and self.animation_format not in ANIMATION_FORMATS:
+            raise SettingsError(
+                f"animation_format must be one of {', '.join(ANIMATION_FORMATS)}; "
+                f"got {self.animation_format!r}."
+            )
         if not isinstance(self.content, (bytes, bytearray)):
             raise TypeError("JobRequest.content must be the encoded image bytes.")
         styles = tuple((bytes(data), float(weight)) for data, weight in self.styles)
@@ -59,6 +71,8 @@ class ProgressUpdate:
     scales: int
     eta: float | None
     losses: dict[str, float] = field(default_factory=dict)
+    frame: int = 1  # animations: frame being painted, 1-based, of ``frames``
+    frames: int = 1
 
 
 @dataclass(frozen=True)
@@ -71,11 +85,25 @@ class Preview:
 
 @dataclass(frozen=True)
 class Done:
+    """The result: a PNG for a picture; for an animation the encoded clip (``mime`` says which:
+    image/gif, image/webp, image/png (APNG) or video/mp4) with ``frames`` frames. ``png`` keeps
+    its name for the pictures every front end started with; ``data`` reads better for clips."""
+
     job_id: str
     png: bytes
     metadata: dict[str, Any]
     width: int
     height: int
+    mime: str = "image/png"
+    frames: int = 1
+
+    @property
+    def data(self) -> bytes:
+        return self.png
+
+    @property
+    def animated(self) -> bool:
+        return self.frames > 1
 
 
 @dataclass(frozen=True)

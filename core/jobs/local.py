@@ -10,13 +10,14 @@ sentinel: its job fails with a clear message and a new worker takes its slot.
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import multiprocessing
 import os
 import threading
 from multiprocessing.connection import wait as wait_any
-from typing import Any
+from typing import TYPE_CHECKING
 
 from core.jobs import worker as worker_module
 from core.jobs.backend import GENERIC_FAILURE, CancelToken, Emit
@@ -30,6 +31,20 @@ from core.jobs.events import (
     Started,
     TerminalEvent,
 )
+from core.jobs.messages import (
+    Crashed,
+    Exited,
+    FromWorker,
+    JobMessage,
+    Log,
+    Ready,
+    RunJob,
+    StopWorker,
+    ToWorker,
+)
+
+if TYPE_CHECKING:
+    from core.jobs.runner import RunnerConfig
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +60,7 @@ _EXIT_TIMEOUT = 10.0  # an idle worker asked to exit (interpreter teardown with 
 class _Worker:
     """One worker process, its two pipes, and the thread relaying its messages to the loop."""
 
-    def __init__(self, slot: int, config: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, slot: int, config: RunnerConfig, loop: asyncio.AbstractEventLoop) -> None:
         self.slot = slot
         self.loop = loop
         child_tasks, self.tasks = _SPAWN.Pipe(duplex=False)  # (receiving end, sending end)
@@ -65,7 +80,7 @@ class _Worker:
             name=f"pastiche-worker-{slot}",
             daemon=True,
         )
-        self.inbox: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self.inbox: asyncio.Queue[JobMessage | Exited] = asyncio.Queue()
         self.ready: asyncio.Future[int | None] = loop.create_future()
         self.exited: asyncio.Future[int | None] = loop.create_future()
         self.launched: asyncio.Future[None] | None = None
@@ -121,30 +136,29 @@ class _Worker:
             pass
         finally:
             self.process.join(timeout=5)
-            self._post(("exit", self.process.exitcode))
+            self._post(Exited(self.process.exitcode))
 
-    def _post(self, message: tuple[Any, ...]) -> None:
+    def _post(self, message: FromWorker | Exited) -> None:
         try:
             self.loop.call_soon_threadsafe(self._deliver, message)
         except RuntimeError:  # loop closed: nobody is waiting any more
             pass
 
-    def _deliver(self, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "log":
-            log.log(message[1], "worker %d (pid %s): %s", self.slot, self.pid, message[2])
-        elif kind == "ready":
+    def _deliver(self, message: FromWorker | Exited) -> None:
+        if isinstance(message, Log):
+            log.log(message.level, "worker %d (pid %s): %s", self.slot, self.pid, message.text)
+        elif isinstance(message, Ready):
             if not self.ready.done():
-                self.ready.set_result(message[1])
+                self.ready.set_result(message.pid)
         else:
-            if kind == "exit":
+            if isinstance(message, Exited):
                 if not self.ready.done():
                     self.ready.set_result(None)
                 if not self.exited.done():
-                    self.exited.set_result(message[1])
+                    self.exited.set_result(message.exitcode)
             self.inbox.put_nowait(message)
 
-    def send(self, message: Any) -> None:
+    def send(self, message: ToWorker) -> None:
         """Blocking send (call it in a thread: a big request fills the pipe buffer)."""
         with self._send_lock:
             self.tasks.send(message)
@@ -157,7 +171,7 @@ class _Worker:
         """Blocking: ask the worker to exit, then terminate, then kill; close the pipes."""
         if self.process.pid is not None:
             try:
-                self.send(None)
+                self.send(StopWorker())
             except (OSError, ValueError):
                 pass
             self.process.join(timeout)
@@ -174,7 +188,7 @@ class _Worker:
         self.events.close()
 
 
-def _threads(config: Any) -> int | None:
+def _threads(config: RunnerConfig) -> int | None:
     if config.threads is not None:
         return config.threads
     if config.workers == 1:
@@ -185,7 +199,7 @@ def _threads(config: Any) -> int | None:
 class LocalBackend:
     """``config.workers`` spawned worker processes on this machine (see module docstring)."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: RunnerConfig) -> None:
         self.config = config
         self._slots: list[_Worker | None] = [None] * config.workers
         self._busy = [False] * config.workers
@@ -226,11 +240,11 @@ class LocalBackend:
                 restart.cancel()
             worker = _Worker(slot, self.config, asyncio.get_running_loop())
             self._slots[slot] = worker
-            worker.exited.add_done_callback(lambda _f, w=worker: self._on_exit(w))
+            worker.exited.add_done_callback(functools.partial(self._on_exit, worker))
         await asyncio.shield(worker.launch())
         return worker
 
-    def _on_exit(self, worker: _Worker) -> None:
+    def _on_exit(self, worker: _Worker, _exited: asyncio.Future[int | None]) -> None:
         if self._closing or self._slots[worker.slot] is not worker:
             return
         code = worker.exited.result()
@@ -297,56 +311,57 @@ class LocalBackend:
         undo = cancel.on_cancel(stop)
         try:
             try:
-                await loop.run_in_executor(None, worker.send, ("job", seq, request))
+                await loop.run_in_executor(None, worker.send, RunJob(seq, job_id, request))
             except (OSError, ValueError):
                 worker.kill()  # a broken pipe means it is dying; its exit message follows
             while True:
                 message = await worker.inbox.get()
-                kind = message[0]
-                if kind == "exit":
-                    if cancel.cancelled:
-                        return JobCancelled(job_id, cancel.reason or "")
-                    log.error(
-                        "job %s: worker %d (pid %s) died with exit code %s",
-                        job_id,
-                        worker.slot,
-                        worker.pid,
-                        message[1],
-                    )
-                    return Failed(job_id, CRASH_MESSAGE)
-                if message[1] != seq:
-                    continue
-                if kind == "started":
-                    emit(Started(job_id))
-                    continue
-                if kind == "progress":
-                    emit(ProgressUpdate(job_id, **message[2]))
-                    continue
-                if kind == "preview":
-                    emit(Preview(job_id, message[2]))
+                if isinstance(message, Exited):
+                    return self._exited(worker, job_id, message, cancel)
+                if message.job_id != job_id:
+                    continue  # left over from an earlier job on this worker
+                if isinstance(message, (Started, ProgressUpdate, Preview)):
+                    emit(message)
                     continue
                 self._failures[worker.slot] = 0  # the worker handled a job: not a crash loop
-                if kind == "done":
-                    _, _, png, metadata, width, height = message
-                    return Done(job_id, png, metadata, width, height)
-                if kind == "cancelled":
-                    return JobCancelled(job_id, cancel.reason or "")
-                if kind == "failed":
-                    return Failed(job_id, message[2])
-                if kind == "error":
-                    log.error(
-                        "job %s failed in worker %d (pid %s):\n%s",
-                        job_id,
-                        worker.slot,
-                        worker.pid,
-                        message[2],
-                    )
-                    return Failed(job_id, GENERIC_FAILURE)
-                log.error("job %s: unexpected message %r from a worker", job_id, kind)
+                return self._terminal(worker, message, cancel)
         finally:
             undo()
             if kill_timer is not None:
                 kill_timer.cancel()
+
+    @staticmethod
+    def _exited(
+        worker: _Worker, job_id: str, message: Exited, cancel: CancelToken
+    ) -> TerminalEvent:
+        """The worker died during the job: a crash, unless we killed it to stop the job."""
+        if cancel.cancelled:
+            return JobCancelled(job_id, cancel.reason or "")
+        log.error(
+            "job %s: worker %d (pid %s) died with exit code %s",
+            job_id,
+            worker.slot,
+            worker.pid,
+            message.exitcode,
+        )
+        return Failed(job_id, CRASH_MESSAGE)
+
+    @staticmethod
+    def _terminal(
+        worker: _Worker, message: Done | Failed | JobCancelled | Crashed, cancel: CancelToken
+    ) -> TerminalEvent:
+        if isinstance(message, JobCancelled):
+            return JobCancelled(message.job_id, cancel.reason or message.reason)
+        if isinstance(message, Crashed):
+            log.error(
+                "job %s failed in worker %d (pid %s):\n%s",
+                message.job_id,
+                worker.slot,
+                worker.pid,
+                message.traceback,
+            )
+            return Failed(message.job_id, GENERIC_FAILURE)
+        return message
 
     async def close(self) -> None:
         self._closing = True

@@ -11,17 +11,20 @@ answers and ``config.json`` names a ``helper_command``, the helper is started wi
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+import zipfile
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 PLUGIN_DIR = Path(__file__).resolve().parent
 CONFIG_NAME = "config.json"  # not "pastiche.*": GIMP treats that name as the plug-in itself
@@ -36,6 +39,10 @@ DEFAULT_IDLE_EXIT = 900
 DEFAULT_START_TIMEOUT = 180.0
 
 Progress = Callable[[float, str], None]
+FilePart = tuple[str, bytes, str]  # (filename, data, content type)
+Files = Union[dict[str, FilePart], Iterable[tuple[str, FilePart]]]  # noqa: UP007
+DEFAULT_FRAME_MS = 100
+"""A layer without a "(NNms)" tag in its name shows this long, as in GIMP's GIF export."""
 
 
 class HelperError(Exception):
@@ -43,7 +50,7 @@ class HelperError(Exception):
 
 
 # ---- configuration -----------------------------------------------------------------------------
-def default_discovery_file(environ: dict[str, str] | None = None) -> Path:
+def default_discovery_file(environ: Mapping[str, str] | None = None) -> Path:
     """Where the helper writes its URL and token (same rules as core.helper.files)."""
     env = os.environ if environ is None else environ
     if env.get(DISCOVERY_ENV):
@@ -83,10 +90,9 @@ def read_discovery(path: Path) -> dict[str, Any] | None:
 
 
 # ---- HTTP --------------------------------------------------------------------------------------
-def encode_multipart(
-    fields: dict[str, str], files: dict[str, tuple[str, bytes, str]]
-) -> tuple[bytes, str]:
-    """A multipart/form-data body and its Content-Type (files: name -> (filename, data, type))."""
+def encode_multipart(fields: dict[str, str], files: Files) -> tuple[bytes, str]:
+    """A multipart/form-data body and its Content-Type (files: name -> (filename, data, type),
+    or (name, (filename, data, type)) pairs where a name repeats, like one part per frame)."""
     boundary = "pastiche-" + uuid.uuid4().hex
     parts: list[bytes] = []
     for name, value in fields.items():
@@ -95,7 +101,7 @@ def encode_multipart(
             + value.encode("utf-8")
             + b"\r\n"
         )
-    for name, (filename, data, ctype) in files.items():
+    for name, (filename, data, ctype) in files.items() if isinstance(files, dict) else files:
         safe = filename.replace('"', "").replace("\r", "").replace("\n", "") or name
         parts.append(
             f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
@@ -167,11 +173,20 @@ class HelperClient:
         preset: str = "",
         settings: dict[str, Any] | None = None,
         quality: str | None = None,
+        frames: list[bytes] | None = None,
+        durations: list[int] | None = None,
     ) -> dict[str, Any]:
+        """One picture (``content_png``), or with ``frames`` the PNGs of an animation's frames
+        in order (``content_png`` is then ignored) and each one's ``durations`` in ms."""
         fields = {"settings": json.dumps(settings or {})}
-        files = {"content": ("content.png", content_png, "image/png")}
+        files: list[tuple[str, FilePart]] = []
+        if frames:
+            files += [("frame", (f"frame-{i}.png", f, "image/png")) for i, f in enumerate(frames)]
+            fields["durations"] = json.dumps(durations or [DEFAULT_FRAME_MS] * len(frames))
+        else:
+            files.append(("content", ("content.png", content_png, "image/png")))
         if style is not None:
-            files["style"] = (style_name or "style", style, "application/octet-stream")
+            files.append(("style", (style_name or "style", style, "application/octet-stream")))
             fields["style_name"] = style_name
         if preset:
             fields["preset"] = preset
@@ -188,6 +203,23 @@ class HelperClient:
         if ctype != "image/png":
             raise HelperError("The Pastiche helper sent something other than a PNG image.")
         return data
+
+    def frames(self, job_id: str) -> tuple[list[bytes], list[int]]:
+        """An animation job's painted frames (PNG bytes, in order) and their durations."""
+        _, ctype, data = self.request("GET", f"/jobs/{job_id}/frames")
+        try:
+            if ctype != "application/zip":
+                raise ValueError(ctype)
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                names = sorted(n for n in archive.namelist() if re.fullmatch(r"frame-\d+\.png", n))
+                pngs = [archive.read(name) for name in names]
+                timing = json.loads(archive.read("animation.json").decode("utf-8"))
+            durations = [int(d) for d in timing["durations"]]
+        except (ValueError, KeyError, TypeError, zipfile.BadZipFile):
+            raise HelperError("The Pastiche helper sent unreadable animation frames.") from None
+        if not pngs or len(durations) != len(pngs):
+            raise HelperError("The Pastiche helper sent unreadable animation frames.")
+        return pngs, durations
 
     def cancel(self, job_id: str) -> bool:
         return bool(self.json("DELETE", f"/jobs/{job_id}").get("cancelled"))
@@ -208,7 +240,7 @@ def candidates(
     url: str = "",
     token: str = "",
     config: dict[str, Any] | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> list[tuple[str, str, str]]:
     """(url, token, where it came from) to try. An explicit URL (arguments, then environment,
     then config.json) is used alone; otherwise the discovery file names the running helper."""
@@ -226,7 +258,7 @@ def candidates(
     return [(str(data["url"]), str(data["token"]), str(disc))] if data else []
 
 
-def discovery_file(config: dict[str, Any], environ: dict[str, str] | None = None) -> Path:
+def discovery_file(config: dict[str, Any], environ: Mapping[str, str] | None = None) -> Path:
     if config.get("discovery_file"):
         return Path(config["discovery_file"]).expanduser()
     return default_discovery_file(environ)
@@ -236,7 +268,7 @@ def connect(
     url: str = "",
     token: str = "",
     config: dict[str, Any] | None = None,
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
     on_wait: Progress | None = None,
 ) -> HelperClient:
     """A client for a helper that answers /health, starting one if configured to."""
@@ -265,7 +297,7 @@ def connect(
 
 def start_helper(
     config: dict[str, Any],
-    environ: dict[str, str] | None = None,
+    environ: Mapping[str, str] | None = None,
     on_wait: Progress | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> HelperClient:
@@ -343,7 +375,9 @@ def describe(status: dict[str, Any]) -> tuple[float, str]:
     if state == "running":
         percent = float(status.get("percent") or 0.0)
         eta = format_eta(status.get("eta"))
-        return min(1.0, percent / 100.0), f"Pastiche: painting… {percent:.0f}%" + (
+        frames = int(status.get("frames") or 1)
+        where = f" frame {status.get('frame') or 1} of {frames}," if frames > 1 else ""
+        return min(1.0, percent / 100.0), f"Pastiche: painting…{where} {percent:.0f}%" + (
             f" ({eta})" if eta else ""
         )
     if state == "done":
@@ -362,13 +396,22 @@ def paint_size(resolution: str, size: int, width: int, height: int, limit: int |
     return int(size)
 
 
-def job_settings(strength: float, size: int, preserve_colors: bool) -> dict[str, Any]:
+def job_settings(
+    strength: float, size: int, preserve_colors: bool, keep_faces: float = 0.5
+) -> dict[str, Any]:
     """The per-job settings the plug-in sends (names as in core.settings.Settings)."""
     return {
         "strength": float(strength),
         "size": int(size),
         "preserve_colors": "luminance" if preserve_colors else "none",
+        "keep_faces": float(keep_faces),
     }
+
+
+def frame_duration(layer_name: str) -> int:
+    """Milliseconds from a GIMP animation layer name ("Frame 3 (80ms) (replace)")."""
+    match = re.search(r"\((\d+)\s*ms\)", layer_name)
+    return int(match.group(1)) if match and int(match.group(1)) > 0 else DEFAULT_FRAME_MS
 
 
 def run_job(
@@ -386,13 +429,47 @@ def run_job(
 ) -> tuple[bytes, str]:
     """Submit, poll until the end, and return (PNG bytes, style label). Cancels on failure."""
     job = client.submit(
-        content_png,
-        style=style,
-        style_name=style_name,
-        preset=preset,
-        settings=settings,
+        content_png, style=style, style_name=style_name, preset=preset, settings=settings,
         quality=quality,
-    )
+    )  # fmt: skip
+    fallback = style_name or preset
+    return _finish(client, job, client.result, fallback, on_progress, poll, sleep)
+
+
+def run_animation_job(
+    client: HelperClient,
+    frames: list[bytes],
+    durations: list[int],
+    *,
+    style: bytes | None = None,
+    style_name: str = "",
+    preset: str = "",
+    settings: dict[str, Any] | None = None,
+    quality: str | None = None,
+    on_progress: Progress | None = None,
+    poll: float = 0.5,
+    sleep: Callable[[float], None] = time.sleep,
+) -> tuple[tuple[list[bytes], list[int]], str]:
+    """Paint the frames as one animation (each frame following the last along the motion) and
+    return ((painted PNGs, durations), style label). Cancels on failure."""
+    job = client.submit(
+        b"", style=style, style_name=style_name, preset=preset, settings=settings,
+        quality=quality, frames=frames, durations=durations,
+    )  # fmt: skip
+    fallback = style_name or preset
+    return _finish(client, job, client.frames, fallback, on_progress, poll, sleep)
+
+
+def _finish(
+    client: HelperClient,
+    job: dict[str, Any],
+    fetch: Callable[[str], Any],
+    fallback: str,
+    on_progress: Progress | None,
+    poll: float,
+    sleep: Callable[[float], None],
+) -> tuple[Any, str]:
+    """Poll until the job ends; (its fetched result, style label)."""
     job_id = str(job["id"])
     finished = False
     try:
@@ -402,9 +479,9 @@ def run_job(
                 on_progress(*describe(status))
             state = status.get("state")
             if state == "done":
-                png = client.result(job_id)
+                result = fetch(job_id)
                 finished = True
-                return png, str(status.get("style") or job.get("style") or style_name or preset)
+                return result, str(status.get("style") or job.get("style") or fallback)
             if state in ("failed", "cancelled"):
                 finished = True
                 raise HelperError(str(status.get("error") or f"The job was {state}."))

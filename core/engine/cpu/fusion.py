@@ -24,7 +24,7 @@ _NO_GRAD = 4  # added to the window code of an output the ReLU zeroed
 
 class _ReluMaxPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x):  # type: ignore[override]
+    def forward(ctx, x):
         peak = F.max_pool2d(x, 2)
         ctx.save_for_backward(_window_codes(x, peak))
         channels_last = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
@@ -33,7 +33,7 @@ class _ReluMaxPool(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         (codes,) = ctx.saved_tensors
         shape, dtype, device, channels_last = ctx.like
         fmt = torch.channels_last if channels_last else torch.contiguous_format

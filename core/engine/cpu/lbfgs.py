@@ -8,15 +8,16 @@ where it comes from), with the same operations in the same order, so the iterate
 
 Why not torch's own: it allocates its history vectors, search direction and gradient copy anew
 on every step, and each of those image-sized blocks outlives the step, so it lands in another
-hole of the heap each time. The heap's layout then drifts from step to step and a 512 px run's
-peak memory crept up by 100-200 MB over its first ten steps (malloc tracing: the only large
-blocks that survive a step were these). Here the history is a ring of preallocated rows and the
+hole of the heap each time. The heap's layout then drifts from step to step and a run's peak
+memory crept up over its first steps (malloc tracing: the only large blocks that survive a step
+were these; the figures are in docs/BENCHMARKS.md). Here the history is a ring of preallocated rows and the
 gradient buffer is zeroed in place, so a step leaves the heap as it found it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import cast
 
 import torch
 
@@ -76,12 +77,13 @@ class LBFGS:
             self._update_direction(g)
         self._prev_grad.copy_(g)
         if self.n_iter == 1:
-            self._t = min(1.0, 1.0 / g.abs().sum()) * self.lr
+            # torch's own expression: a float 1.0 or a 0-dim tensor, kept as is.
+            self._t = cast(float | torch.Tensor, min(1.0, 1.0 / g.abs().sum())) * self.lr
         else:
             self._t = self.lr
         if g.dot(self._d) > -self.tolerance_change:  # not a descent direction: no step
             return loss
-        self.param.add_(self._d.view_as(self.param), alpha=self._t)
+        self.param.add_(self._d.view_as(self.param), alpha=self._t)  # type: ignore[arg-type]
         return loss
 
     def _update_direction(self, g: torch.Tensor) -> None:
@@ -103,8 +105,9 @@ class LBFGS:
         q = torch.neg(g, out=self._q)
         for i in range(len(rows) - 1, -1, -1):
             al[i] = self._s[rows[i]].dot(q) * ro[i]
-            q.add_(self._y[rows[i]], alpha=-al[i])
+            # 0-dim tensor alphas, as in torch.optim.LBFGS (same arithmetic; the stubs say Number)
+            q.add_(self._y[rows[i]], alpha=-al[i])  # type: ignore[arg-type]
         r = torch.mul(q, self._h_diag, out=self._d)
         for i in range(len(rows)):
             be_i = self._y[rows[i]].dot(r) * ro[i]
-            r.add_(self._s[rows[i]], alpha=al[i] - be_i)
+            r.add_(self._s[rows[i]], alpha=al[i] - be_i)  # type: ignore[arg-type]

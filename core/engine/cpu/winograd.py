@@ -9,25 +9,31 @@ come back as a 4x4 output tile. The transforms are two small GEMMs with fixed Kr
 matrices. The result equals the direct convolution up to fp32 rounding (relative error ~1e-5,
 checked in tests/test_winograd.py and reported as a loss difference by the benchmark).
 
+In bf16 (under a bf16 autocast, for CPUs whose bf16 dot products are faster than their fp32
+ones) the same code runs F(2x2, 3x3): 4 multiplies per output, but transforms that do not
+amplify bf16's rounding as F(4x4)'s do (see ``tiling_for``). Whether that path pays, and is
+accurate enough, is measured on each machine (core/engine/speed_probe.py).
+
 Style transfer never trains the network. The gradient with respect to the input is the exact
 adjoint of the same computation (the same transformed filters, transposed), so L-BFGS sees
 gradients consistent with the loss, and nothing of the input is saved for the backward pass.
 The transformed filters are 4x the size of the filters (205 MB for VGG19 up to conv5_1), so
-they are not kept: each call transforms its layer's filters (``G g G^T``, one small GEMM, about
-1.4 ms for a 512x512 layer, ~2 % of a step) half of the taps at a time into a reused
-scratch buffer, which keeps the model at its own size.
+they are not kept: each call transforms its layer's filters (``G g G^T``, one small GEMM, a
+small share of a step: docs/BENCHMARKS.md) half of the taps at a time into a reused scratch
+buffer, which keeps the model at its own size.
 """
 
 from __future__ import annotations
 
 import threading
+from typing import TypeGuard
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 # Transform matrices for F(4, 3) with interpolation points 0, +-1, +-2, inf (Lavin & Gray).
-_BT = torch.tensor(
+_BT4 = torch.tensor(
     [
         [4, 0, -5, 0, 1, 0],
         [0, -4, -4, 1, 1, 0],
@@ -38,7 +44,7 @@ _BT = torch.tensor(
     ],
     dtype=torch.float64,
 )
-_G = torch.tensor(
+_G4 = torch.tensor(
     [
         [1 / 4, 0, 0],
         [-1 / 6, -1 / 6, -1 / 6],
@@ -49,7 +55,7 @@ _G = torch.tensor(
     ],
     dtype=torch.float64,
 )
-_AT = torch.tensor(
+_AT4 = torch.tensor(
     [
         [1, 1, 1, 1, 1, 0],
         [0, 1, -1, 2, -2, 0],
@@ -58,13 +64,41 @@ _AT = torch.tensor(
     ],
     dtype=torch.float64,
 )
-# Two-sided transforms of a flattened tile: vec(B^T d B) = kron(B^T, B^T) vec(d).
-_IN = torch.kron(_BT, _BT).float()  # (36, 36)
-_OUT = torch.kron(_AT, _AT).float()  # (16, 36)
-TILE, OUT_TILE = 6, 4
+# F(2, 3) with points 0, +-1, inf (Lavin & Gray): 4 multiplies per output instead of 2.25, but
+# its transforms hardly amplify rounding, which matters in bf16 (see ``tiling_for``).
+_BT2 = torch.tensor(
+    [[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], dtype=torch.float64
+)
+_G2 = torch.tensor(
+    [[1, 0, 0], [1 / 2, 1 / 2, 1 / 2], [1 / 2, -1 / 2, 1 / 2], [0, 0, 1]], dtype=torch.float64
+)
+_AT2 = torch.tensor([[1, 1, 1, 0], [0, 1, -1, -1]], dtype=torch.float64)
 
 
-_FILTER = torch.kron(_G, _G).float()  # (36, 9): vec(G g G^T) = kron(G, G) vec(g), per tap
+class Tiling:
+    """F(m x m, 3x3): input tiles of (m + 2)^2 values give m x m outputs. Two-sided transforms
+    of a flattened tile are one product each: vec(B^T d B) = kron(B^T, B^T) vec(d)."""
+
+    def __init__(self, bt: torch.Tensor, g: torch.Tensor, at: torch.Tensor) -> None:
+        self.m, self.t = at.shape  # output tile side, input tile side
+        self.taps = self.t * self.t
+        self.inp = torch.kron(bt, bt).float()  # (t^2, t^2)
+        self.out = torch.kron(at, at).float()  # (m^2, t^2)
+        self.filter = torch.kron(g, g).float()  # (t^2, 9): vec(G g G^T), per tap
+        # Transformed filters made at a time: half of the taps, so their scratch is 19 MB for a
+        # 512 x 512 layer in F(4x4) instead of 38 MB (a quarter made the products ~5 % slower).
+        self.tap_group = self.taps // 2
+
+
+F4 = Tiling(_BT4, _G4, _AT4)
+F2 = Tiling(_BT2, _G2, _AT2)
+
+
+def tiling_for(dtype: torch.dtype) -> Tiling:
+    """F(4x4, 3x3) in float32; F(2x2, 3x3) in bfloat16, whose 8 significant bits F(4x4)'s
+    transforms amplify about tenfold (2.7 % error per VGG19 layer against 0.29 % for a direct
+    bf16 convolution; F(2x2): 0.46 %), too much for the probe's accuracy gate."""
+    return F2 if dtype == torch.bfloat16 else F4
 
 
 def filter_taps(weight: torch.Tensor) -> torch.Tensor:
@@ -83,8 +117,8 @@ def relayout(weight: torch.Tensor) -> torch.Tensor:
 BAND_ELEMENTS = 1 << 22
 
 
-def _band_rows(n: int, tiles_wide: int, channels: int) -> int:
-    return max(1, BAND_ELEMENTS // (TILE * TILE * n * tiles_wide * channels))
+def _band_rows(n: int, tiles_wide: int, channels: int, tiling: Tiling) -> int:
+    return max(1, BAND_ELEMENTS // (tiling.taps * n * tiles_wide * channels))
 
 
 _local = threading.local()
@@ -102,31 +136,35 @@ def _scratch(name: str, numel: int, device: torch.device, dtype: torch.dtype) ->
     return found[:numel]
 
 
+def free_scratch() -> None:
+    """Drop this thread's buffers (the speed probe's, about 75 MB for both precisions, which
+    the run that follows may not use)."""
+    _local.__dict__.pop("pool", None)
+
+
 def _buffers(numel: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
     return _scratch("one", numel, device, dtype), _scratch("two", numel, device, dtype)
 
 
-# Taps whose transformed filters are made at a time: half of the 36, so the scratch for them is
-# 19 MB for a 512 x 512 layer instead of 38 MB (a quarter made the products ~5 % slower).
-TAP_GROUP = 18
-
-
-def _filters(weight: torch.Tensor, first: int) -> torch.Tensor:
-    """Transformed filters of taps ``first ... first + TAP_GROUP - 1``, (TAP_GROUP, in, out), in
-    a shared scratch buffer (valid until the next call on this thread)."""
+def _filters(weight: torch.Tensor, first: int, tiling: Tiling) -> torch.Tensor:
+    """Transformed filters of taps ``first ... first + tap_group - 1``, (tap_group, in, out),
+    in a shared scratch buffer (valid until the next call on this thread)."""
     k, c = weight.shape[:2]
-    buf = _scratch("filters", TAP_GROUP * c * k, weight.device, weight.dtype)
-    rows = _FILTER[first : first + TAP_GROUP].to(weight.device, weight.dtype)
-    torch.mm(rows, filter_taps(weight), out=buf.view(TAP_GROUP, c * k))
-    return buf.view(TAP_GROUP, c, k)
+    group = tiling.tap_group
+    buf = _scratch("filters", group * c * k, weight.device, weight.dtype)
+    rows = tiling.filter[first : first + group].to(weight.device, weight.dtype)
+    torch.mm(rows, filter_taps(weight), out=buf.view(group, c * k))
+    return buf.view(group, c, k)
 
 
-def _products(a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, adjoint: bool) -> None:
-    """``out[t] = a[t] @ U[t]`` (or ``U[t]^T`` for the adjoint) for all 36 taps, where ``U`` are
+def _products(
+    a: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, adjoint: bool, tiling: Tiling
+) -> None:
+    """``out[t] = a[t] @ U[t]`` (or ``U[t]^T`` for the adjoint) for every tap, where ``U`` are
     the transformed filters: the convolution proper, one batched GEMM per tap group."""
-    for first in range(0, TILE * TILE, TAP_GROUP):
-        u = _filters(weight, first)
-        taps = slice(first, first + TAP_GROUP)
+    for first in range(0, tiling.taps, tiling.tap_group):
+        u = _filters(weight, first, tiling)
+        taps = slice(first, first + tiling.tap_group)
         torch.bmm(a[taps], u.transpose(1, 2) if adjoint else u, out=out[taps])
 
 
@@ -137,37 +175,39 @@ def conv3x3(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     """
     n, c, h, w = x.shape
     k = weight.shape[0]
-    th, tw = -(-h // OUT_TILE), -(-w // OUT_TILE)
-    b_in, b_out = _IN.to(x.device, x.dtype), _OUT.to(x.device, x.dtype)
+    f = tiling_for(x.dtype)
+    m, tile = f.m, f.t
+    th, tw = -(-h // m), -(-w // m)
+    b_in, b_out = f.inp.to(x.device, x.dtype), f.out.to(x.device, x.dtype)
     # Zero padding: 1 for the convolution, plus whatever completes the last tile.
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + tw * 4 - w, 1, 1 + th * 4 - h))
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1 + tw * m - w, 1, 1 + th * m - h))
     # Written straight into a fresh channels_last tensor (not a view, so ReLU may work in place).
     out = torch.empty(
         (n, k, h, w), device=x.device, dtype=x.dtype, memory_format=torch.channels_last
     )
     out_hwc = out.permute(0, 2, 3, 1)
-    step = _band_rows(n, tw, max(c, k))
+    step = _band_rows(n, tw, max(c, k), f)
     for r0 in range(0, th, step):
         tr = min(step, th - r0)
         tiles = n * tr * tw
-        one, two = _buffers(TILE * TILE * tiles * max(c, k), x.device, x.dtype)
-        t = xp[:, 4 * r0 : 4 * (r0 + tr) + 2].unfold(1, TILE, OUT_TILE).unfold(2, TILE, OUT_TILE)
-        d = one[: TILE * TILE * tiles * c].view(6, 6, n, tr, tw, c)
-        d.copy_(t.permute(4, 5, 0, 1, 2, 3))  # n tr tw c 6 6 -> (6, 6, n, tr, tw, c)
-        v = two[: TILE * TILE * tiles * c].view(TILE * TILE, -1)
-        torch.mm(b_in, d.view(TILE * TILE, -1), out=v)
-        m = one[: TILE * TILE * tiles * k].view(TILE * TILE, tiles, k)
-        _products(v.view(TILE * TILE, tiles, c), weight, m, adjoint=False)
-        t = two[: 16 * tiles * k].view(16, -1)
-        torch.mm(b_out, m.view(TILE * TILE, -1), out=t)
-        t = t.view(4, 4, n, tr, tw, k)
-        y = t.permute(2, 3, 0, 4, 1, 5)  # n tr 4 tw 4 k
-        rows = min(h - 4 * r0, 4 * tr)
-        dst = out_hwc[:, 4 * r0 : 4 * r0 + rows]
-        if rows == 4 * tr and w == 4 * tw:
-            dst = dst.view(n, tr, 4, tw, 4, k)
+        one, two = _buffers(f.taps * tiles * max(c, k), x.device, x.dtype)
+        t = xp[:, m * r0 : m * (r0 + tr) + 2].unfold(1, tile, m).unfold(2, tile, m)
+        d = one[: f.taps * tiles * c].view(tile, tile, n, tr, tw, c)
+        d.copy_(t.permute(4, 5, 0, 1, 2, 3))  # n tr tw c t t -> (t, t, n, tr, tw, c)
+        v = two[: f.taps * tiles * c].view(f.taps, -1)
+        torch.mm(b_in, d.view(f.taps, -1), out=v)
+        prod = one[: f.taps * tiles * k].view(f.taps, tiles, k)
+        _products(v.view(f.taps, tiles, c), weight, prod, False, f)
+        t = two[: m * m * tiles * k].view(m * m, -1)
+        torch.mm(b_out, prod.view(f.taps, -1), out=t)
+        t = t.view(m, m, n, tr, tw, k)
+        y = t.permute(2, 3, 0, 4, 1, 5)  # n tr m tw m k
+        rows = min(h - m * r0, m * tr)
+        dst = out_hwc[:, m * r0 : m * r0 + rows]
+        if rows == m * tr and w == m * tw:
+            dst = dst.view(n, tr, m, tw, m, k)
         else:
-            y = y.reshape(n, 4 * tr, 4 * tw, k)[:, :rows, :w]
+            y = y.reshape(n, m * tr, m * tw, k)[:, :rows, :w]
         if bias is None:
             dst.copy_(y)
         else:
@@ -181,34 +221,37 @@ def conv3x3_adjoint(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     tiles summed), so it needs no second set of transformed filters."""
     n, k, h, w = grad.shape
     c = weight.shape[1]
-    th, tw = -(-h // OUT_TILE), -(-w // OUT_TILE)
-    a_out_t, b_in_t = _OUT.T.to(grad.device, grad.dtype), _IN.T.to(grad.device, grad.dtype)
+    f = tiling_for(grad.dtype)
+    m, tile = f.m, f.t
+    th, tw = -(-h // m), -(-w // m)
+    a_out_t, b_in_t = f.out.T.to(grad.device, grad.dtype), f.inp.T.to(grad.device, grad.dtype)
     g = grad.permute(0, 2, 3, 1)
-    acc = torch.zeros((n, th + 1, 4, tw + 1, 4, c), device=grad.device, dtype=grad.dtype)
-    step = _band_rows(n, tw, max(c, k))
+    acc = torch.zeros((n, th + 1, m, tw + 1, m, c), device=grad.device, dtype=grad.dtype)
+    step = _band_rows(n, tw, max(c, k), f)
     for r0 in range(0, th, step):
         tr = min(step, th - r0)
-        rows = min(h - 4 * r0, 4 * tr)
+        rows = min(h - m * r0, m * tr)
         tiles = n * tr * tw
-        one, two = _buffers(TILE * TILE * tiles * max(c, k), grad.device, grad.dtype)
-        t = F.pad(g[:, 4 * r0 : 4 * r0 + rows], (0, 0, 0, tw * 4 - w, 0, tr * 4 - rows))
-        gt = one[: 16 * tiles * k].view(4, 4, n, tr, tw, k)
-        gt.copy_(t.view(n, tr, 4, tw, 4, k).permute(2, 4, 0, 1, 3, 5))
-        m = two[: TILE * TILE * tiles * k].view(TILE * TILE, -1)
-        torch.mm(a_out_t, gt.view(16, -1), out=m)
-        v = one[: TILE * TILE * tiles * c].view(TILE * TILE, tiles, c)
-        _products(m.view(TILE * TILE, tiles, k), weight, v, adjoint=True)  # (36, tiles, in)
-        t = two[: TILE * TILE * tiles * c].view(TILE * TILE, -1)
-        torch.mm(b_in_t, v.view(TILE * TILE, -1), out=t)
-        t = t.view(6, 6, n, tr, tw, c)
-        d = t.permute(2, 3, 0, 4, 1, 5)  # n tr 6 tw 6 c
-        # Overlap-add: tile rows/cols 0-3 land in their own 4x4 block, 4-5 in the next one's 0-1.
+        one, two = _buffers(f.taps * tiles * max(c, k), grad.device, grad.dtype)
+        t = F.pad(g[:, m * r0 : m * r0 + rows], (0, 0, 0, tw * m - w, 0, tr * m - rows))
+        gt = one[: m * m * tiles * k].view(m, m, n, tr, tw, k)
+        gt.copy_(t.view(n, tr, m, tw, m, k).permute(2, 4, 0, 1, 3, 5))
+        prod = two[: f.taps * tiles * k].view(f.taps, -1)
+        torch.mm(a_out_t, gt.view(m * m, -1), out=prod)
+        v = one[: f.taps * tiles * c].view(f.taps, tiles, c)
+        _products(prod.view(f.taps, tiles, k), weight, v, True, f)  # (taps, tiles, in)
+        t = two[: f.taps * tiles * c].view(f.taps, -1)
+        torch.mm(b_in_t, v.view(f.taps, -1), out=t)
+        t = t.view(tile, tile, n, tr, tw, c)
+        d = t.permute(2, 3, 0, 4, 1, 5)  # n tr t tw t c
+        # Overlap-add: tile rows/cols 0..m-1 land in their own m x m block, the last two in the
+        # next one's first two.
         a = acc[:, r0 : r0 + tr + 1]
-        a[:, :tr, :, :tw] += d[:, :, :4, :, :4]
-        a[:, 1:, :2, :tw] += d[:, :, 4:, :, :4]
-        a[:, :tr, :, 1:, :2] += d[:, :, :4, :, 4:]
-        a[:, 1:, :2, 1:, :2] += d[:, :, 4:, :, 4:]
-    full = acc.view(n, 4 * th + 4, 4 * tw + 4, c)[:, 1 : 1 + h, 1 : 1 + w]  # drop the padding
+        a[:, :tr, :, :tw] += d[:, :, :m, :, :m]
+        a[:, 1:, :2, :tw] += d[:, :, m:, :, :m]
+        a[:, :tr, :, 1:, :2] += d[:, :, :m, :, m:]
+        a[:, 1:, :2, 1:, :2] += d[:, :, m:, :, m:]
+    full = acc.view(n, m * th + m, m * tw + m, c)[:, 1 : 1 + h, 1 : 1 + w]  # drop the padding
     out = torch.empty(
         (n, c, h, w), device=grad.device, dtype=grad.dtype, memory_format=torch.channels_last
     )
@@ -218,23 +261,25 @@ def conv3x3_adjoint(grad: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 class _Conv3x3(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias):  # type: ignore[override]
+    def forward(ctx, x, weight, bias):
         ctx.weight = weight  # frozen: nothing of the input is kept
         return conv3x3(x, weight, bias)
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         return conv3x3_adjoint(grad, ctx.weight), None, None
 
 
 class WinogradConv2d(nn.Module):
-    """A frozen 3x3, stride 1, padding 1 ``nn.Conv2d`` computed by F(4x4, 3x3).
+    """A frozen 3x3, stride 1, padding 1 ``nn.Conv2d`` computed by Winograd's algorithm.
 
-    Falls back to the wrapped convolution for anything but fp32 (autocast, other dtypes) or
-    trainable weights, so a model can be moved between devices and precisions freely. The
-    wrapped weights are re-laid out tap-major (same values and shape).
+    Runs in float32 (F(4x4, 3x3)), or in bfloat16 under a bf16 autocast (F(2x2, 3x3); the
+    transforms and products take bf16 inputs with float32 accumulation, as oneDNN's own bf16
+    convolutions do). Falls back to the wrapped convolution for other dtypes or trainable
+    weights, so a model can be moved between devices and precisions freely. The wrapped
+    weights are re-laid out tap-major (same values and shape).
     """
 
     def __init__(self, conv: nn.Conv2d) -> None:
@@ -246,18 +291,25 @@ class WinogradConv2d(nn.Module):
         self.conv = conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (
-            x.dtype != torch.float32
-            or self.conv.weight.dtype != torch.float32
-            or torch.is_autocast_enabled(x.device.type)
-            or self.conv.weight.requires_grad
-        ):
+        dtype = _compute_dtype(x)
+        if dtype is None or self.conv.weight.requires_grad:
             return self.conv(x)
-        bias = self.conv.bias.detach() if self.conv.bias is not None else None
-        return _Conv3x3.apply(x, self.conv.weight.detach(), bias)
+        weight = self.conv.weight.detach().to(dtype)  # no copy when stored in ``dtype``
+        bias = self.conv.bias.detach().to(dtype) if self.conv.bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return _Conv3x3.apply(x.to(dtype), weight, bias)
 
 
-def supports(conv: nn.Module) -> bool:
+def _compute_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """float32 or bfloat16 (under a bf16 autocast, or for bf16 input), else None."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+    else:
+        dtype = x.dtype
+    return dtype if dtype in (torch.float32, torch.bfloat16) else None
+
+
+def supports(conv: nn.Module) -> TypeGuard[nn.Conv2d]:
     """True for a plain 3x3, stride 1, padding 1 (zeros), dilation 1, ungrouped conv."""
     return (
         isinstance(conv, nn.Conv2d)
@@ -271,10 +323,9 @@ def supports(conv: nn.Module) -> bool:
 
 
 # Where the transforms cost more memory traffic than the multiplies they save: per output, the
-# multiplies go with in x out and the transform traffic with in + out. On the 2-core AVX512
-# machine, F(4x4, 3x3) made VGG19's 64 -> 64 layer (conv1_2) 1.2x slower and its 64 -> 128
-# layer (conv2_1) 1.3x faster, the wider ones 1.9-3.4x faster (forward plus input gradient,
-# 512x384 input; docs/BENCHMARKS.md).
+# multiplies go with in x out and the transform traffic with in + out. Measured per layer
+# (forward plus input gradient), F(4x4, 3x3) made VGG19's 64 -> 64 layer (conv1_2) slower and
+# its 64 -> 128 layer (conv2_1) and the wider ones faster (figures: docs/BENCHMARKS.md).
 MIN_CHANNEL_PRODUCT = 64 * 128
 
 
