@@ -79,6 +79,11 @@ def test_ramp_is_a_smooth_rise_from_zero_to_one() -> None:
     fade_in = weights[:8]
     fade_out = fade_in[::-1]
     assert all(abs(w + v - 1) < 1e-12 for w, v in zip(fade_in, fade_out, strict=True))
+    # Across an overlap the ramp takes its middle half (0 before it, 1 after).
+    tile = tiles.Tile(0, 0, 40, 40, 16, 0)
+    wx, wy = tiles.feather(tile)
+    assert wx[:4] == [0.0] * 4 and wx[4:12] == tiles.ramp(8, 8) and wx[12:] == [1.0] * 28
+    assert wy == [1.0] * 40
 
 
 def test_passes_move_the_seams() -> None:

@@ -341,11 +341,13 @@ def _closure(
     objective: SumLoss,
     best: BestImage | None,
     guide: GramGuide | None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[], torch.Tensor]:
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)  # one gradient buffer for the whole scale
-        feats = fwd(image, grams=grams, guide=guide)
-        feats["input"] = image
+        seen = image if embed is None else embed(image)
+        feats = fwd(seen, grams=grams, guide=guide)
+        feats["input"] = seen
         loss = objective(feats)
         loss.backward()
         if best is not None:
@@ -388,13 +390,15 @@ def optimise_scale(
     clock: ProgressClock,
     should_stop: Callable[[], bool] | None,
     guide: GramGuide | None = None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ScaleResult:
     """Run scale ``index`` from the leaf ``image`` (style Grams guided by ``guide``, see
     ``face_guide``); raises Cancelled when ``should_stop()`` (checked before every step) says
-    so."""
+    so. ``embed`` (tiles, core/engine/tiled.py) puts the leaf into the fixed context the
+    network sees around it."""
     opt, average = make_optimizer(s, image)
     best = BestImage() if average is None else None
-    closure = _closure(opt, fwd, plan.style, image, objective, best, guide)
+    closure = _closure(opt, fwd, plan.style, image, objective, best, guide, embed)
     early = EarlyStop(s.early_stop, s.patience)
     losses: dict[str, float] = {}
     it = 0

@@ -62,6 +62,27 @@ class TileGrid:
     cuts_x: tuple[int, ...]  # seam positions (core boundaries) along each axis
     cuts_y: tuple[int, ...]
     overlap: int
+    context: int = 0
+    """Pixels of fixed image around each tile that the network sees but the optimiser does not
+    change (see :meth:`window`)."""
+
+    def window(self, tile: Tile) -> tuple[int, int, int, int]:
+        """(left, top, right, bottom) of what the network sees when ``tile`` is optimised: the
+        tile grown by ``context`` on each side, within the image. Without it, the tile's edges
+        would meet zero padding where the image goes on, and the deep layers (VGG19's relu5_1
+        sees ~200 px around a position) would see a different picture than the whole's."""
+        c = self.context
+        return (
+            max(0, tile.x - c),
+            max(0, tile.y - c),
+            min(self.width, tile.x + tile.width + c),
+            min(self.height, tile.y + tile.height + c),
+        )
+
+    @property
+    def largest_window(self) -> int:
+        boxes = (self.window(t) for t in self.tiles)
+        return max((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in boxes)
 
     @property
     def pixels(self) -> int:
@@ -182,18 +203,26 @@ def plan_grid(
     return TileGrid(width, height, tiles, cuts_x, cuts_y, 2 * half)
 
 
-def ramp(width: int, length: int) -> list[float]:
-    """Raised-cosine weights over ``length`` samples: 0 -> 1 over the first ``width``."""
-    out = [1.0] * length
-    for k in range(min(width, length)):
-        out[k] = 0.5 - 0.5 * math.cos(math.pi * (k + 0.5) / width)
+def ramp(width: int, length: int, lead: int = 0) -> list[float]:
+    """Weights over ``length`` samples: 0 for the first ``lead``, then a raised cosine from 0
+    to 1 over ``width``, then 1."""
+    out = [0.0] * min(lead, length) + [1.0] * max(0, length - lead)
+    for k in range(width):
+        if lead + k < length:
+            out[lead + k] = 0.5 - 0.5 * math.cos(math.pi * (k + 0.5) / width)
     return out
 
 
 def feather(tile: Tile) -> tuple[list[float], list[float]]:
     """A tile's blending weights as (per column, per row); the weight of pixel (x, y) is their
-    product. 1 where the tile has no painted neighbour."""
-    return ramp(tile.feather_left, tile.width), ramp(tile.feather_top, tile.height)
+    product. 1 where the tile has no painted neighbour; across an overlap, a ramp over its
+    middle half. The tiles are painted with context around them (TileGrid.window), so both
+    sides of an overlap already agree near its middle; a ramp across all of it averaged two
+    brush textures over a wider band and measurably flattened them there."""
+    left, top = tile.feather_left, tile.feather_top
+    return ramp(left - left // 2, tile.width, left // 4), ramp(
+        top - top // 2, tile.height, top // 4
+    )
 
 
 def choose_overlap(max_pixels: int, minimum: int = 32, share: float = 0.125) -> int:
