@@ -81,7 +81,7 @@ def point(spec: dict[str, Any]) -> dict[str, Any]:
         c, s = synthetic_images(Path(tmp), spec["size"])
         content = Image.open(c).convert("RGB")
         style = Image.open(s).convert("RGB").resize((spec["style"], spec["style"]))
-    _prebuild(settings)
+    _prebuild(engine.default_engine(), settings)
     memory.keep_freed_memory()
     memory.release()
     start = _status_kib("VmRSS")
