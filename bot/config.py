@@ -20,7 +20,7 @@ Example (every key optional except a token from somewhere)::
     cooldown = 20                 # seconds between a user's submissions
     max_attachment_mb = 10        # largest upload accepted
     max_pixels = 50000000         # largest decoded upload (width x height)
-    max_size = 1024               # largest output long side a user may ask for
+    max_size = 2048               # largest output long side a user may ask for
     job_timeout = 900             # seconds before a running job is stopped
     status_interval = 3           # seconds between edits of a job's status message
     max_frames = 24               # frames of a GIF or video painted (evenly spread over it)
@@ -34,6 +34,7 @@ Example (every key optional except a token from somewhere)::
     quality = "standard"          # draft | standard | high (iterations per scale)
     size = 512                    # default output long side
     preview_every = 10            # optimiser steps between previews (0 = none)
+    max_memory = "auto"           # peak memory of a job, e.g. "3GB"; larger scales use tiles
     keep_faces = 0.5              # 0..1, keep faces recognisable (users may change it per job)
 """
 
@@ -73,7 +74,9 @@ class Limits:
     cooldown: float = 20.0
     max_attachment_mb: float = 10.0
     max_pixels: int = MAX_PIXELS
-    max_size: int = 1024
+    max_size: int = 2048
+    """Memory does not bound it (scales over the budget are painted in tiles); time does:
+    2048 px at standard quality takes a few minutes on two CPU cores, within job_timeout."""
     job_timeout: float = 900.0
     status_interval: float = 3.0
     max_frames: int = 24
@@ -95,6 +98,7 @@ class EngineConfig:
     quality: Quality = "standard"
     size: int = 512
     preview_every: int = 10
+    max_memory: str = "auto"
     keep_faces: float = Settings.keep_faces
     """A selfie bot keeps faces recognisable by default, as the engine does (see Settings)."""
 
@@ -108,6 +112,7 @@ class EngineConfig:
             "device": self.device,
             "preview_every": self.preview_every,
             "keep_faces": self.keep_faces,
+            "max_memory": self.max_memory,
         }
         return request_settings("discord", options, quality=self.quality)
 

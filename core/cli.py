@@ -73,6 +73,8 @@ FIELD_HELP: dict[str, str] = {
     "winograd": "Winograd convolutions on CPUs (unset: as measured faster on this machine)",
     "fused_pooling": "fuse each ReLU with the max pool after it (unset: on for the CPU)",
     "preview_every": "with --preview: refresh it every N steps",
+    "max_memory": "peak memory of the run, e.g. 2GB or 800MB; scales that need more are painted "
+    "in overlapping tiles (auto: half of the free memory)",
     "temporal_weight": "animations: how strongly each frame follows the last (0: paint each alone)",
     "frame_iterations": "animations: steps for each frame after the first (unset: --iterations)",
     "max_frames": "animations: paint at most N frames, evenly spread (unset: every frame)",
@@ -297,6 +299,7 @@ class _ProgressBar:
         self.bar.set_postfix_str(
             (f"frame {p.frame}/{frames}, " if frames > 1 else "")
             + f"scale {p.scale}/{p.scales} {p.width}x{p.height}"
+            + (f" tile {p.tile}/{p.tiles}" if getattr(p, "tiles", 1) > 1 else "")
             + (f", loss {loss:.4g}" if loss is not None else "")
             + (f", ETA {_duration(p.eta)}" if p.eta is not None else ""),
             refresh=False,

@@ -371,6 +371,28 @@ def flatten(img: Image.Image, background: tuple[int, int, int] = (255, 255, 255)
     return canvas
 
 
+# ---- print resolution ------------------------------------------------------------------------
+def dpi_of(img: Image.Image) -> tuple[float, float] | None:
+    """The print resolution the image's file declared (PNG pHYs, JFIF or EXIF, TIFF), or None.
+
+    PNG stores pixels per metre, so 300 dpi reads back as 299.9994; two decimals undo that."""
+    dpi = img.info.get("dpi")
+    try:
+        x, y = (round(float(v), 2) for v in dpi)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return None
+    return (x, y) if x > 0 and y > 0 else None
+
+
+def with_dpi(img: Image.Image, dpi: tuple[float, float] | None) -> Image.Image:
+    """``img`` marked with ``dpi`` for :func:`encode_image` (in place; returns it). Like GIMP's
+    Scale Image, a painting at another pixel size keeps the photo's resolution, not its print
+    size."""
+    if dpi is not None:
+        img.info["dpi"] = dpi
+    return img
+
+
 # ---- writing ---------------------------------------------------------------------------------
 def format_for_path(path: str | os.PathLike[str]) -> str:
     """ "png", "jpeg" or "webp" from the file extension; ImageError for anything else.
@@ -391,7 +413,8 @@ def encode_image(
     img: Image.Image, fmt: str = "png", *, metadata: dict[str, Any] | None = None, quality: int = 95
 ) -> bytes:
     """Encode as PNG (metadata in an iTXt chunk), JPEG (RGB, alpha flattened on white; metadata
-    in a comment) or WebP (alpha kept; no metadata)."""
+    in a comment) or WebP (alpha kept; no metadata). PNG and JPEG keep the print resolution
+    :func:`dpi_of` finds (WebP has no field for it)."""
     key = fmt.lower().lstrip(".")
     if key not in _WRITE_FORMATS:
         raise ImageError(f"Cannot encode images as '{fmt}'; use png, jpeg or webp.")
@@ -399,17 +422,19 @@ def encode_image(
     text = None
     if metadata is not None:
         text = json.dumps(metadata, ensure_ascii=False, sort_keys=True, allow_nan=False)
+    dpi = dpi_of(img)
     if img.mode not in ("RGB", "RGBA"):
         img = img.convert("RGBA" if "A" in img.getbands() or img.mode == "P" else "RGB")
     buf = io.BytesIO()
+    resolution: dict[str, Any] = {"dpi": dpi} if dpi is not None else {}
     if pil_format == "PNG":
         info = PngImagePlugin.PngInfo()
         if text is not None:
             info.add_itxt(METADATA_KEY, text)
-        img.save(buf, "PNG", pnginfo=info)
+        img.save(buf, "PNG", pnginfo=info, **resolution)
     elif pil_format == "JPEG":
         extra = {"comment": f"{METADATA_KEY}:{text}".encode()} if text is not None else {}
-        flatten(img).save(buf, "JPEG", quality=quality, subsampling=0, **extra)
+        flatten(img).save(buf, "JPEG", quality=quality, subsampling=0, **extra, **resolution)
     else:
         img.save(buf, "WEBP", quality=quality, method=4)
     return buf.getvalue()

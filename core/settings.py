@@ -29,6 +29,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from core.byte_sizes import parse_bytes
 from core.errors import SettingsError
 
 # The allowed values of each choice, written once: the type hints below, and through
@@ -166,6 +167,11 @@ class Settings:
     and time in the backward pass. None = on for the CPU (the only device it is made for)."""
     preview_every: int = 10
     """Send a small preview image with every Nth progress event (0 = never)."""
+    max_memory: str = "auto"
+    """Peak memory a run may use: an amount such as ``2GB`` or ``800MB`` (core/byte_sizes.py),
+    or ``auto``: what the process holds plus half of the memory available when the run starts
+    (RAM; GPU memory on CUDA). A scale the memory model (core/engine/memory_model.py, measured)
+    predicts to need more is painted in overlapping tiles; below it nothing changes."""
 
     temporal_weight: float = TEMPORAL_WEIGHT
     """Animations: weight of [Ruder]'s temporal loss, which keeps each frame after the first
@@ -283,6 +289,22 @@ def _choice(s: Settings, name: str, options: tuple[str, ...]) -> None:
         raise SettingsError(f"{name} must be one of {', '.join(options)}; got {value!r}.")
 
 
+MIN_MEMORY = 256 * 2**20
+"""Below this no run fits: a Python process that has imported torch holds about 225 MB."""
+
+
+def _check_memory(value: object) -> None:
+    if value == "auto":
+        return
+    if not isinstance(value, str):
+        raise SettingsError(f"max_memory must be auto or an amount such as 2GB, got {value!r}.")
+    if parse_bytes(value, name="max_memory") < MIN_MEMORY:
+        raise SettingsError(
+            f"max_memory {value} is too small: a run needs at least 256 MiB (PyTorch alone "
+            "takes about 225 MB)."
+        )
+
+
 def _check(s: Settings) -> None:
     for name, options in _CHOICES.items():
         _choice(s, name, options)
@@ -344,6 +366,7 @@ def _check_switches(s: Settings) -> None:
     for name in ("channels_last", "winograd", "fused_pooling"):
         if getattr(s, name) is not None and not isinstance(getattr(s, name), bool):
             raise SettingsError(f"{name} must be true, false or unset.")
+    _check_memory(s.max_memory)
     if not isinstance(s.extra, dict):
         raise SettingsError("extra must be a mapping.")
 

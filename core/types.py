@@ -37,6 +37,8 @@ class Progress:
     elapsed: float  # seconds since stylize() started
     eta: float | None  # seconds left, None until it can be estimated
     preview: Image.Image | None = None  # small RGB preview every settings.preview_every steps
+    tile: int = 1  # 1-based tile of a scale painted in tiles (see core/engine/tiled.py)
+    tiles: int = 1  # tiles of this scale (1: painted whole)
     frame: int = 1  # animations: 1-based frame being painted (step/total_steps span the clip)
     frames: int = 1
 

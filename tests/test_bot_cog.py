@@ -530,7 +530,7 @@ BAD_UPLOADS = [
     ({"preset": "nope"}, "no style preset called 'nope'"),
     ({"preset": "waves", "style": ("s.png", "image/png", image_bytes())}, "not both"),
     ({"style": None}, "Attach a style image or choose a preset"),
-    ({"preset": "waves", "size": 2048}, "largest size"),
+    ({"preset": "waves", "size": 2049}, "largest size"),
 ]
 
 

@@ -452,3 +452,11 @@ def test_bot_process_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_the_engine_memory_budget_is_an_engine_setting() -> None:
+    cfg = config_from_dict({"engine": {"max_memory": "3GB"}, "limits": {"max_size": 4096}})
+    assert cfg.engine.base_settings().max_memory == "3GB"
+    assert config_from_dict({}).limits.max_size == 2048
+    with pytest.raises(ConfigError, match="max_memory"):
+        config_from_dict({"engine": {"max_memory": "plenty"}})

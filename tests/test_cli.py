@@ -67,7 +67,7 @@ def _other_value(f: dataclasses.Field) -> tuple[list[str], object]:
     if kind is float:
         value = default / 2 if default else 0.5
         return [flag, repr(value)], value
-    value = {"device": "cpu"}.get(f.name, f"{f.name}.png")
+    value = {"device": "cpu", "max_memory": "2GB"}.get(f.name, f"{f.name}.png")
     return [flag, value], value
 
 
@@ -389,6 +389,25 @@ def test_subprocess_ctrl_c_stops_within_a_step(
     assert proc.returncode == 130, err
     assert "interrupted; nothing was saved" in err and "Traceback" not in err
     assert not files["out"].exists()
+
+
+def test_max_memory_takes_amounts_people_write() -> None:
+    from core.byte_sizes import format_bytes, parse_bytes
+
+    assert parse("--max-memory", "1.5GB").max_memory == "1.5GB"
+    assert Settings().max_memory == "auto"
+    assert parse_bytes("1.5GB") == 1_500_000_000
+    assert parse_bytes("800 MB") == 800_000_000
+    assert parse_bytes("2GiB") == 2 * 2**30
+    assert parse_bytes("512m") == 512_000_000
+    assert format_bytes(1.5e9) == "1.5 GB"
+    for bad in ("lots", "1.5 GQ", "-1GB", "", "GB"):
+        with pytest.raises(SettingsError, match="such as 1.5GB"):
+            Settings(max_memory=bad)
+    with pytest.raises(SettingsError, match="too small"):
+        Settings(max_memory="100MB")
+    with pytest.raises(SettingsError, match="max_memory"):
+        Settings.from_dict({"max_memory": 2_000_000_000})
 
 
 @pytest.mark.slow

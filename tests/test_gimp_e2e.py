@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -56,6 +57,8 @@ def export(layer, name):
     copy = Gimp.Layer.new_from_drawable(layer, img)
     img.insert_layer(copy, None, 0)
     copy.set_offsets(0, 0)
+    if copy.get_mask() is not None:  # the painting itself, not what the mask lets through
+        copy.remove_mask(Gimp.MaskApplyMode.DISCARD)
     Gimp.file_save(NONINTERACTIVE, img, Gio.File.new_for_path(WORK + "/" + name), None)
     img.delete()
 
@@ -68,7 +71,13 @@ def above(image, layer):
 def describe(layer):
     _, x, y = layer.get_offsets()
     return {"name": layer.get_name(), "size": [layer.get_width(), layer.get_height()],
-            "offsets": [x, y]}
+            "offsets": [x, y], "mask": layer.get_mask() is not None}
+
+
+def mask_values(layer):
+    mask = layer.get_mask()
+    return [[round(mask.get_pixel(x, y).get_rgba()[0], 3) for x in range(mask.get_width())]
+            for y in range(mask.get_height())]
 
 
 def call(image, layer, **args):
@@ -98,16 +107,24 @@ try:
     style = Gio.File.new_for_path(WORK + "/starry_night.png")
     common = {"strength": 0.9, "size": 48, "quality": "draft", "keep-faces": 0.8}
 
-    run = call(image, source, **{"style-file": style}, **common)
+    run = call(image, source, **{"style-file": style}, **common)  # resolution "auto": full
     report["runs"]["whole"] = run
     if run["status"] == "success":
         export(above(image, source), "whole.png")
 
-    image.select_rectangle(Gimp.ChannelOps.REPLACE, 20, 16, 32, 24)
+    run = call(image, source, **{"style-file": style}, resolution="size", **common)
+    report["runs"]["scaled"] = run
+    if run["status"] == "success":
+        export(above(image, source), "scaled.png")
+
+    image.select_ellipse(Gimp.ChannelOps.REPLACE, 20, 16, 32, 24)
+    Gimp.Selection.feather(image, 8.0)
+    report["selection_bounds"] = list(Gimp.Selection.bounds(image))[2:]
     run = call(image, source, **{"style-file": style}, **common)
     report["runs"]["selection"] = run
     if run["status"] == "success":
         export(above(image, source), "selection.png")
+        report["mask"] = mask_values(above(image, source))
     Gimp.Selection.none(image)
     export(source, "source.png")
 
@@ -188,7 +205,6 @@ def chroot_work(vgg19_checkpoint: Path) -> Iterator[tuple[Path, str]]:
         except subprocess.TimeoutExpired:
             helper.kill()
             helper.wait()
-        subprocess.run([*install[:7], "--uninstall"], cwd=ROOT, capture_output=True, timeout=120)
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -228,32 +244,50 @@ def test_plugin_paints_a_new_layer_in_real_gimp(chroot_work: tuple[Path, str]) -
     whole = runs["whole"]
     assert whole["status"] == "success", f"{whole}\n{log}"
     top, photo = whole["layers"][:2]
-    assert top == {"name": "Pastiche: starry_night", "size": [64, 48], "offsets": [8, 6]}
+    assert top == {
+        "name": "Pastiche: starry_night", "size": [64, 48], "offsets": [8, 6], "mask": False
+    }  # fmt: skip
     assert photo["name"] == "photo" and len(whole["layers"]) == 2
+
+    scaled = runs["scaled"]
+    assert scaled["status"] == "success", f"{scaled}\n{log}"
+    assert scaled["layers"][0] == top  # each new layer goes right above the source
+    assert scaled["layers"][1] == {**top, "name": "Pastiche: starry_night #1"}
+    # Full resolution painted the 64x48 layer at its own size; "size" painted 48 px and GIMP
+    # scaled it up (the helper logs the size of every job it accepts).
+    helper_log = (work / "helper.log").read_text(encoding="utf-8")
+    sizes = re.findall(r"accepted \(starry_night, \d+ bytes of content, size (\d+),", helper_log)
+    assert sizes[:2] == ["64", "48"] and len(sizes) == 3, helper_log
 
     part = runs["selection"]
     assert part["status"] == "success", f"{part}\n{log}"
-    # The new layer goes right above the source, below the first run's layer.
-    assert part["layers"][0] == top
-    new = part["layers"][1]
-    assert new["name"] == "Pastiche: starry_night #1"  # GIMP keeps layer names unique
-    assert (new["size"], new["offsets"]) == ([32, 24], [20, 16])
-    assert part["layers"][2]["name"] == "photo"
+    assert part["layers"][:2] == scaled["layers"][:2]
+    new = part["layers"][2]
+    assert new["name"] == "Pastiche: starry_night #2"  # GIMP keeps layer names unique
+    x0, y0, x1, y1 = report["selection_bounds"]  # the feathered ellipse's bounds
+    assert (new["size"], new["offsets"]) == ([x1 - x0, y1 - y0], [x0, y0])
+    assert sizes[2] == str(max(x1 - x0, y1 - y0))  # the selection's bounds at full resolution
+    assert new["mask"] and part["layers"][3]["name"] == "photo"
+    _check_selection_mask(report["mask"], (x0, y0, x1, y1))
 
     source = Image.open(work / "source.png").convert("RGB")
     painted = Image.open(work / "whole.png").convert("RGB")
     assert painted.size == source.size == (64, 48)
     diff = ImageChops.difference(painted, source)
-    assert max(high for _, high in diff.getextrema()) > 30, "the new layer is the photo unchanged"
+    # Eight draft steps with random weights move pixels only a little at the layer's own size
+    # (max 11 levels measured); the photo unchanged would differ by 0.
+    assert max(high for _, high in diff.getextrema()) > 5, "the new layer is the photo unchanged"
+    assert Image.open(work / "scaled.png").size == (64, 48)
     crop = Image.open(work / "selection.png").convert("RGB")
-    assert crop.size == (32, 24)
-    assert ImageChops.difference(crop, source.crop((12, 10, 44, 34))).getbbox() is not None
+    assert crop.size == (x1 - x0, y1 - y0)
+    box = (x0 - 8, y0 - 6, x1 - 8, y1 - 6)  # image -> source layer coordinates
+    assert ImageChops.difference(crop, source.crop(box)).getbbox() is not None
 
     # The dialog's Keep faces value reached the helper with each job.
     accepted = [
         line for line in (work / "helper.log").read_text().splitlines() if "accepted" in line
     ]
-    assert len(accepted) == 2 and all("keep_faces=0.8" in line for line in accepted), accepted
+    assert len(accepted) == 3 and all("keep_faces=0.8" in line for line in accepted), accepted
 
     for name, expected in (
         ("no_style", "Choose a style image"),
@@ -263,7 +297,19 @@ def test_plugin_paints_a_new_layer_in_real_gimp(chroot_work: tuple[Path, str]) -
         run = runs[name]
         assert run["status"] == "execution-error", f"{name}: {run}"
         assert expected in run["error"], f"{name}: {run}"
-        assert len(run["layers"]) == 3, f"{name} added a layer: {run}"
+        assert len(run["layers"]) == 4, f"{name} added a layer: {run}"
+
+
+def _check_selection_mask(mask: list[list[float]], bounds: tuple[int, int, int, int]) -> None:
+    """The layer mask is the feathered ellipse selection: opaque at its centre, clear in the
+    bounds' corners (outside the ellipse), and soft in between."""
+    x0, y0, x1, y1 = bounds
+    assert (len(mask[0]), len(mask)) == (x1 - x0, y1 - y0)
+    centre = mask[(16 + 12) - y0][(20 + 16) - x0]  # the ellipse (20, 16, 32, 24)'s centre
+    corners = [mask[0][0], mask[0][-1], mask[-1][0], mask[-1][-1]]
+    soft = sum(0.05 < v < 0.95 for row in mask for v in row)
+    assert centre > 0.95 and max(corners) < 0.05, (centre, corners)
+    assert soft >= 2 * ((x1 - x0) + (y1 - y0)), f"only {soft} partly selected pixels: not feathered"
 
 
 # Runs inside GIMP: a 3-frame GIF opened as GIMP opens it (indexed, one layer per frame, delays

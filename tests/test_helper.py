@@ -160,9 +160,35 @@ async def test_bad_requests_are_400_with_a_sentence(tmp_path: Path, presets_dir:
         assert "Unknown" in await error_of(_form(png, png, settings='{"colour": 1}'))
         assert "weights" in await error_of(_form(png, png, settings='{"weights": "/etc/passwd"}'))
         assert "quality" in await error_of(_form(png, png, quality="ultra"))
+        assert "max_memory" in await error_of(_form(png, png, settings='{"max_memory": "9GB"}'))
         assert "multipart" in await error_of(json={"content": "x"})
         # Nothing reached the runner, so no worker was ever started.
         assert client.server.app[STATE].starting is None
+
+
+async def test_the_size_limit_is_the_helpers_and_health_tells_the_plugin(tmp_path: Path) -> None:
+    png = image_bytes(width=32, height=32)
+    async with quick_helper(tmp_path, max_size=2000) as client:
+        health = await (await client.get("/health", headers=AUTH)).json()
+        assert health["max_size"] == 2000
+        resp = await client.post(
+            "/jobs", data=_form(png, png, settings='{"size": 2001}'), headers=AUTH
+        )
+        assert resp.status == 400
+        assert "at most 2000 px" in (await resp.json())["error"]
+    assert HelperOptions(token=TOKEN).max_size == 4096  # print sizes: tiles keep memory bounded
+    args = helper_cli.build_parser().parse_args(["--max-size", "6000", "--max-memory", "3GB"])
+    assert (args.max_size, args.max_memory) == (6000, "3GB")
+
+
+def test_full_resolution_paints_at_the_layers_size_up_to_the_limit() -> None:
+    assert pc.paint_size("auto", 512, 3000, 2000, 4096) == 3000
+    assert pc.paint_size("auto", 512, 6000, 4000, 4096) == 512  # over the limit: scaled up
+    assert pc.paint_size("full", 512, 6000, 4000, 4096) == 6000  # the helper will say no
+    assert pc.paint_size("size", 512, 3000, 2000, 4096) == 512
+    assert pc.paint_size("auto", 512, 300, 200, None) == 300
+    with pytest.raises(pc.HelperError, match="resolution"):
+        pc.paint_size("huge", 512, 300, 200, None)
 
 
 async def test_bad_animation_requests_are_400(tmp_path: Path) -> None:

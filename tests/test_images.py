@@ -394,3 +394,16 @@ def test_fit_within() -> None:
     assert tall.size == (15, 45)
     same = images.fit_within(img, 64)
     assert same is not img and same.tobytes() == img.tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF"])
+def test_the_print_resolution_of_the_input_reaches_the_output(fmt: str) -> None:
+    photo = images.load_image(encoded(make_image(40, 30), fmt, dpi=(300, 300)))
+    assert images.dpi_of(photo) == (300.0, 300.0)
+    painting = images.with_dpi(Image.new("RGB", (80, 60)), images.dpi_of(photo))
+    for out in ("png", "jpeg"):
+        with Image.open(io.BytesIO(images.encode_image(painting, out, metadata={}))) as back:
+            assert images.dpi_of(back) == (300.0, 300.0)
+    assert images.dpi_of(images.load_image(encoded(make_image(40, 30), "PNG"))) is None
+    plain = images.encode_image(images.with_dpi(Image.new("RGB", (8, 8)), None), "png")
+    assert images.dpi_of(Image.open(io.BytesIO(plain))) is None

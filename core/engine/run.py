@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from PIL import Image
 
-from core import faces
+from core import faces, images
 from core.engine import backbones, colour
 from core.engine.cpu import memory
 from core.engine.device import (
@@ -42,6 +42,7 @@ from core.engine.scale import (
     Grams,
     ProgressClock,
     ScalePlan,
+    ScaleResult,
     build_objective,
     face_guide,
     optimise_scale,
@@ -49,6 +50,8 @@ from core.engine.scale import (
     style_size,
 )
 from core.engine.tensors import digest, fit, resize, to_image, to_tensor
+from core.engine.tiled import MemoryPlan, paint_tiled, preview_sized, start_canvas
+from core.engine.tiled_grams import tiled_grams
 from core.errors import ImageError
 from core.settings import Settings
 from core.types import ImageInput, Progress, Result, StyleInput
@@ -223,16 +226,24 @@ class Engine:
         size: tuple[int, int],
         layers: tuple[str, ...],
         prep: Callable[[torch.Tensor], torch.Tensor],
+        max_pixels: int | None = None,
     ) -> tuple[Grams, bool]:
-        """Gram targets of one style image at one size, and whether they came from the cache."""
-        full_key = (*key, digest(img), size, layers)
+        """Gram targets of one style image at one size, and whether they came from the cache.
+        Over ``max_pixels`` pixels (the memory budget's), the forward pass goes tile by tile
+        (core/engine/tiled_grams.py)."""
+        tiled = max_pixels is not None and size[0] * size[1] > max_pixels
+        full_key = (*key, digest(img), size, layers, tiled)
         hit = self.targets.get(full_key)
         if hit is not None:
             return hit, True
         with torch.no_grad():
             t = prep(to_tensor(resize(img, size), fwd.device))
-            feats = fwd(t, layers)
-            grams = {n: gram(feats[n]) for n in layers}
+            if tiled:
+                assert max_pixels is not None
+                grams = tiled_grams(fwd, t, layers, max_pixels)
+            else:
+                feats = fwd(t, layers)
+                grams = {n: gram(feats[n]) for n in layers}
         self.targets.put(full_key, grams)
         return grams, False
 
@@ -267,15 +278,19 @@ class _Run:
         self.long_side, self.notes = output_long_side(
             self.inputs.photo.size, s.size, self.plan.arch.min_side
         )
-        self.scales = plan_scales(s, self.inputs.photo.size, self.plan.arch.min_side)
+        scales = plan_scales(s, self.inputs.photo.size, self.plan.arch.min_side)
         self.colours = colour.Preservation(
             s.preserve_colors, to_tensor(self.inputs.photo, self.device)
         )
         self.styles = self._styles()
         self.blend_total = sum(w for _, w in self.styles)
+        # Measured after the model and the inputs are in memory: what the scales may add.
+        self.memory = MemoryPlan.for_run(s, self.device, self.dtype)
+        self.scales = self.memory.tile(scales)
         self.clock = ProgressClock(
-            self.scales, self.started, s.preview_every, on_progress, self.colours.chroma_source
-        )
+            self.scales, self.started, s.preview_every, on_progress,
+            preview_sized(self.colours.chroma_source),
+        )  # fmt: skip
         self.cache_hits = 0
 
     def _styles(self) -> list[tuple[Image.Image, float]]:
@@ -301,8 +316,9 @@ class _Run:
         for img, blend in self.styles:
             ssize = style_size(img.size, size, self.s, self.plan.arch.min_side)
             grams, hit = self.engine.style_grams(
-                self.fwd, key, img, ssize, self.plan.style, self.colours.style_tensor
-            )
+                self.fwd, key, img, ssize, self.plan.style, self.colours.style_tensor,
+                self.memory.target_pixels(size, ssize),
+            )  # fmt: skip
             self.cache_hits += hit
             yield grams, blend / self.blend_total
 
@@ -337,34 +353,62 @@ class _Run:
         restored: list[int] = []  # scales whose best evaluated image replaced a worse last one
         for index, scale in enumerate(self.scales):
             memory.release()
-            mask = self._face_mask(scale.size)
-            objective = self._objective(scale.size, mask)
-            guide = face_guide(self.s, mask) if mask is not None else None
-            image = start_image(
-                self.s,
-                scale.size,
-                image,
-                partial(self._first_image, scale.size),
-                self.colours.content_tensor,
-            )
-            # Trimmed here, after the targets: the steps then reuse their own freed blocks, and
-            # the peak stays near what is live (one trim per scale, before its first step).
-            memory.release()
-            done = optimise_scale(
-                self.s, self.fwd, self.plan, objective, image, index, self.clock,
-                self.should_stop, guide,
+            # The previous scale's image goes in a box the scale empties once it has started
+            # from it, so that it is not held through the scale's steps.
+            previous, image = [image], None
+            done = self._whole(index, scale, previous) if scale.grid is None else (
+                self._tiled(index, scale, previous)
             )  # fmt: skip
             image, losses = done.image, (done.losses if done.steps else losses)
             steps.append(done.steps)
             if done.restored_best:
                 restored.append(index + 1)
-            del objective, done, mask, guide  # this scale's state, before the next scale
+            del done  # this scale's state, before the next scale
         assert image is not None
         return Result(
             image=self._output_image(image),
             settings=self.s,
             metadata=self._metadata(steps, restored, losses),
         )
+
+    def _whole(
+        self, index: int, scale: ScalePlan, previous: list[torch.Tensor | None]
+    ) -> ScaleResult:
+        """A scale that fits the memory budget, optimised at once."""
+        mask = self._face_mask(scale.size)
+        objective = self._objective(scale.size, mask)
+        guide = face_guide(self.s, mask) if mask is not None else None
+        image = start_image(
+            self.s,
+            scale.size,
+            previous.pop(),
+            partial(self._first_image, scale.size),
+            self.colours.content_tensor,
+        )
+        # Trimmed here, after the targets: the steps then reuse their own freed blocks, and
+        # the peak stays near what is live (one trim per scale, before its first step).
+        memory.release()
+        return optimise_scale(
+            self.s, self.fwd, self.plan, objective, image, index, self.clock,
+            self.should_stop, guide,
+        )  # fmt: skip
+
+    def _tiled(
+        self, index: int, scale: ScalePlan, previous: list[torch.Tensor | None]
+    ) -> ScaleResult:
+        """A scale over the memory budget, painted in tiles (core/engine/tiled.py)."""
+        targets = list(self._style_targets(scale.size))
+        canvas = start_canvas(
+            scale.size,
+            previous.pop(),
+            partial(self._first_image, scale.size),
+            self.colours.content_tensor,
+        )
+        photo = resize(self.inputs.photo, scale.size)
+        return paint_tiled(
+            self.s, self.plan, self.fwd, index, self.clock, self.should_stop, canvas, photo,
+            self.colours.content_tensor, targets, self._face_mask(scale.size),
+        )  # fmt: skip
 
     def _output_image(self, image: torch.Tensor) -> Image.Image:
         """The optimised tensor as the output: colours finished, at the requested size, with
@@ -376,7 +420,7 @@ class _Run:
         if self.inputs.alpha is not None:
             out = out.convert("RGBA")
             out.putalpha(resize(self.inputs.alpha, out.size))
-        return out
+        return images.with_dpi(out, images.dpi_of(self.inputs.photo))
 
     def _metadata(
         self, steps: list[int], restored: list[int], losses: dict[str, float]
@@ -396,6 +440,8 @@ class _Run:
             "fused_pooling": pick_fused_pooling(s, device),
             "scales": [list(p.size) for p in self.scales],
             "steps": steps,
+            "tiles": [p.tiles for p in self.scales],
+            "memory": self.memory.describe(),
             "restored_best": restored,
             "losses": losses,
             "style_cache_hits": self.cache_hits,

@@ -32,6 +32,7 @@ from core.engine.losses import (
 )
 from core.engine.model import Forward, LayerPlan
 from core.engine.tensors import fit, to_image
+from core.engine.tiles import TileGrid
 from core.errors import Cancelled, SettingsError
 from core.settings import Settings
 from core.types import Progress
@@ -43,14 +44,30 @@ Grams = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class ScalePlan:
-    """One scale: its image size and its step budget."""
+    """One scale: its image size, its step budget (per tile when it is tiled) and its tiles
+    (None: the whole scale at once; see core/engine/tiled.py)."""
 
     size: tuple[int, int]  # (width, height)
     iterations: int
+    grid: TileGrid | None = None
 
     @property
     def pixels(self) -> int:
         return self.size[0] * self.size[1]
+
+    @property
+    def tiles(self) -> int:
+        return 1 if self.grid is None else len(self.grid.tiles)
+
+    @property
+    def steps(self) -> int:
+        """Optimiser steps planned for the scale: its iterations for each tile."""
+        return self.iterations * self.tiles
+
+    @property
+    def pixel_steps(self) -> int:
+        """Pixels optimised over the scale's steps (overlaps counted for each tile)."""
+        return self.iterations * (self.pixels if self.grid is None else self.grid.pixels)
 
 
 @dataclass
@@ -177,8 +194,9 @@ def start_image(
 
 # ---- progress -------------------------------------------------------------------------------
 class ProgressClock:
-    """Counts a run's steps across scales and reports them as ``Progress`` events (with the
-    ETA from the time per pixel-step so far, and a preview every ``preview_every`` steps)."""
+    """Counts a run's steps across scales (and tiles) and reports them as ``Progress`` events
+    (with the ETA from the time per pixel-step so far, and a preview every ``preview_every``
+    steps)."""
 
     def __init__(
         self,
@@ -194,9 +212,17 @@ class ProgressClock:
             on_progress,
             preview_photo,
         )
-        self.total_steps = sum(p.iterations for p in scales)
-        self.pixel_steps = [p.iterations * p.pixels for p in scales]
+        self.total_steps = sum(p.steps for p in scales)
+        self.pixel_steps = [p.pixel_steps for p in scales]
         self.done_pixel_steps, self.opt_time, self.step = 0, 0.0, 0
+        self.tile = TileStep()
+
+    def begin_tile(self, tile: TileStep) -> None:
+        """The steps that follow belong to ``tile`` of a tiled scale."""
+        self.tile = tile
+
+    def end_tiles(self) -> None:
+        self.tile = TileStep()
 
     def step_done(
         self,
@@ -207,30 +233,52 @@ class ProgressClock:
         stopped_early: bool,
         current: Callable[[], torch.Tensor],
     ) -> None:
-        """Step ``it`` of scale ``index`` took ``seconds``; when it ends its scale early, the
-        rest of that scale's budget is reported as done."""
-        plan = self.scales[index]
+        """Step ``it`` of scale ``index`` (of its current tile, when tiled) took ``seconds``;
+        when it ends its scale (or tile) early, the rest of that budget is reported as done."""
+        plan, tile = self.scales[index], self.tile
+        pixels = tile.pixels or plan.pixels
         self.opt_time += seconds
         self.step += 1
-        self.done_pixel_steps += plan.pixels
+        self.done_pixel_steps += pixels
         if stopped_early:
             self.total_steps -= plan.iterations - it
         if self.on_progress is None:
             return
         w, h = plan.size
-        remaining = sum(self.pixel_steps[index + 1 :]) + (plan.iterations - it) * w * h
+        remaining = (
+            sum(self.pixel_steps[index + 1 :])
+            + (plan.iterations - it) * pixels
+            + plan.iterations * tile.pixels_after
+        )
         eta = self.opt_time / self.done_pixel_steps * remaining if self.step >= 2 else None
         preview = None
         if self.preview_every and self.step % self.preview_every == 0:
-            preview = _preview(current(), self.preview_photo)
+            preview = _preview(tile.compose(current()), self.preview_photo)
         self.on_progress(
             Progress(
                 step=self.step, total_steps=self.total_steps, scale=index + 1,
-                scales=len(self.scales), iteration=it, iterations=plan.iterations, width=w,
-                height=h, losses=dict(losses), elapsed=time.perf_counter() - self.started,
-                eta=eta, preview=preview,
+                scales=len(self.scales), iteration=tile.index * plan.iterations + it,
+                iterations=plan.steps, width=w, height=h, losses=dict(losses),
+                elapsed=time.perf_counter() - self.started, eta=eta, preview=preview,
+                tile=tile.index + 1, tiles=plan.tiles,
             )
         )  # fmt: skip
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+@dataclass(frozen=True)
+class TileStep:
+    """Where a tiled scale's steps are: tile ``index`` (0-based) of ``pixels`` pixels, with
+    ``pixels_after`` more pixels in the tiles after it; ``compose`` turns the tile's current
+    image into the whole scale's, for previews."""
+
+    index: int = 0
+    pixels: int = 0
+    pixels_after: int = 0
+    compose: Callable[[torch.Tensor], torch.Tensor] = _whole
 
 
 def _preview(t: torch.Tensor, photo: torch.Tensor | None) -> Image.Image:
@@ -293,11 +341,13 @@ def _closure(
     objective: SumLoss,
     best: BestImage | None,
     guide: GramGuide | None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Callable[[], torch.Tensor]:
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=False)  # one gradient buffer for the whole scale
-        feats = fwd(image, grams=grams, guide=guide)
-        feats["input"] = image
+        seen = image if embed is None else embed(image)
+        feats = fwd(seen, grams=grams, guide=guide)
+        feats["input"] = seen
         loss = objective(feats)
         loss.backward()
         if best is not None:
@@ -340,13 +390,15 @@ def optimise_scale(
     clock: ProgressClock,
     should_stop: Callable[[], bool] | None,
     guide: GramGuide | None = None,
+    embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> ScaleResult:
     """Run scale ``index`` from the leaf ``image`` (style Grams guided by ``guide``, see
     ``face_guide``); raises Cancelled when ``should_stop()`` (checked before every step) says
-    so."""
+    so. ``embed`` (tiles, core/engine/tiled.py) puts the leaf into the fixed context the
+    network sees around it."""
     opt, average = make_optimizer(s, image)
     best = BestImage() if average is None else None
-    closure = _closure(opt, fwd, plan.style, image, objective, best, guide)
+    closure = _closure(opt, fwd, plan.style, image, objective, best, guide, embed)
     early = EarlyStop(s.early_stop, s.patience)
     losses: dict[str, float] = {}
     it = 0

@@ -17,7 +17,8 @@ def to_tensor(img: Image.Image, device: torch.device) -> torch.Tensor:
 
 def to_image(t: torch.Tensor) -> Image.Image:
     """(1, 3, H, W) tensor in [0, 1] to an 8-bit RGB PIL image."""
-    arr = t.detach()[0].float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    # One float copy (clamp's), then in place: a print-size image is ~150 MB per copy.
+    arr = t.detach()[0].float().clamp(0, 1).mul_(255).round_().to(torch.uint8)
     arr = arr.permute(1, 2, 0).contiguous().cpu()
     return Image.frombuffer("RGB", (arr.shape[1], arr.shape[0]), arr.numpy().tobytes())
 

@@ -47,7 +47,9 @@ log = logging.getLogger("pastiche.helper")
 MiB = 1 << 20
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 OWNER = "local"
-SERVER_ONLY_SETTINGS = frozenset({"weights", "device", "backbone", "init_image", "extra"})
+SERVER_ONLY_SETTINGS = frozenset(
+    {"weights", "device", "backbone", "init_image", "extra", "max_memory"}
+)
 """Chosen by whoever starts the helper, not by the requests it serves."""
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -61,7 +63,12 @@ class HelperOptions:
     defaults: Settings = field(default_factory=Settings)
     workers: int = 1
     max_queue: int = 8
-    max_upload: int = 50 * MiB
+    max_upload: int = 200 * MiB
+    max_size: int = 4096
+    """Longest side a job may ask for. Memory is no longer the limit (scales over the memory
+    budget are painted in tiles); time is: 4096 px takes tens of minutes on a laptop CPU."""
+    job_timeout: float = 3600.0
+    """Seconds a running job may take (a local user can cancel from GIMP at any time)."""
     orphan_timeout: float = 30.0
     idle_exit: float | None = None
     presets: Path | None = None
@@ -216,6 +223,7 @@ async def health(request: web.Request) -> web.Response:
             "running": len(runner.running) if runner else 0,
             "workers": (opts.runner_config.workers if opts.runner_config else opts.workers),
             "backend": opts.backend,
+            "max_size": opts.max_size,
             "styles": len(state.presets),
         }
     )
@@ -261,8 +269,9 @@ async def submit(request: web.Request) -> web.Response:
         return _error(500, f"The helper cannot read the {preset_name!r} style image.")
     state.jobs[job.id] = Tracked(job, label, time.monotonic())
     log.info(
-        "job %s accepted (%s, %d bytes of content, keep_faces=%g)",
-        job.id, label, len(job.request.content), job.request.settings.keep_faces,
+        "job %s accepted (%s, %d bytes of content, size %d, keep_faces=%g)",
+        job.id, label, len(job.request.content), job.request.settings.size,
+        job.request.settings.keep_faces,
     )  # fmt: skip
     return web.json_response({"id": job.id, "position": job.position, "style": label}, status=201)
 
@@ -295,6 +304,7 @@ async def _accept(
         preset_strength=preset.strength if preset else None,
         notes={"style": label},
     )
+    _check_size(settings, state.options.max_size)
     if preset is not None:
         style = await asyncio.to_thread(preset.read_bytes)
     assert style is not None
@@ -311,6 +321,14 @@ async def _accept(
         OWNER,
     )  # fmt: skip
     return job, label
+
+
+def _check_size(settings: Settings, max_size: int) -> None:
+    if settings.size > max_size:
+        raise SettingsError(
+            f"This helper paints at most {max_size} px on the long side, and {settings.size} px "
+            "were asked for; choose a smaller size, or start the helper with a larger --max-size."
+        )
 
 
 @routes.get("/jobs/{id}")
@@ -573,7 +591,10 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
         for problem in state.presets.problems:
             log.warning("presets: %s", problem)
     config = opts.runner_config or RunnerConfig(
-        workers=opts.workers, max_queue=opts.max_queue, max_per_owner=opts.max_queue + opts.workers
+        workers=opts.workers,
+        max_queue=opts.max_queue,
+        max_per_owner=opts.max_queue + opts.workers,
+        job_timeout=opts.job_timeout,
     )
     tasks: list[asyncio.Task[None]] = []
     if opts.probe:

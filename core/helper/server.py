@@ -67,12 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--max-upload-mb",
         type=float,
-        default=50.0,
-        help="largest accepted request in MiB (default: 50)",
+        default=200.0,
+        help="largest accepted request in MiB (default: 200, a 6000 px layer as PNG)",
     )
     jobs = p.add_argument_group("jobs")
     jobs.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     jobs.add_argument("--max-queue", type=int, default=8, help="jobs waiting at most (default: 8)")
+    jobs.add_argument(
+        "--max-size",
+        type=int,
+        default=HelperOptions.max_size,
+        help="longest side in pixels a job may ask for; the plug-in paints layers up to this "
+        f"size at their own resolution (default: {HelperOptions.max_size})",
+    )
+    jobs.add_argument(
+        "--job-timeout",
+        type=float,
+        default=HelperOptions.job_timeout,
+        metavar="SECONDS",
+        help=f"stop a job that runs longer (default: {HelperOptions.job_timeout:g})",
+    )
     jobs.add_argument(
         "--orphan-timeout",
         type=float,
@@ -108,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--backbone", choices=BACKBONES, default=Settings.backbone)
     model.add_argument("--weights", default=None, help="local checkpoint file for --backbone")
     model.add_argument("--device", default=Settings.device, help="auto, cpu, cuda, cuda:N or mps")
+    model.add_argument(
+        "--max-memory",
+        default=Settings.max_memory,
+        help="peak memory of a job, e.g. 2GB; larger paintings are made in tiles "
+        "(default: auto, half of the free memory)",
+    )
     p.add_argument(
         "--log-file", type=Path, default=None, help=f"log file (default: {default_log_file()})"
     )
@@ -162,12 +182,24 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        defaults = Settings(backbone=args.backbone, weights=args.weights, device=args.device)
+        defaults = Settings(
+            backbone=args.backbone,
+            weights=args.weights,
+            device=args.device,
+            max_memory=args.max_memory,
+        )
     except SettingsError as exc:
         print(exc, file=sys.stderr)
         return 2
-    if args.max_upload_mb <= 0 or args.workers < 1 or args.max_queue < 1:
-        print("--max-upload-mb, --workers and --max-queue must be positive.", file=sys.stderr)
+    if (
+        args.max_upload_mb <= 0 or args.workers < 1 or args.max_queue < 1
+        or not 16 <= args.max_size <= 8192 or args.job_timeout <= 0
+    ):  # fmt: skip
+        print(
+            "--max-upload-mb, --workers, --max-queue and --job-timeout must be positive, and "
+            "--max-size between 16 and 8192.",
+            file=sys.stderr,
+        )
         return 2
     broker = None
     if args.backend == "celery":
@@ -184,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         max_queue=args.max_queue,
         max_upload=int(args.max_upload_mb * MiB),
+        max_size=args.max_size,
+        job_timeout=args.job_timeout,
         orphan_timeout=args.orphan_timeout,
         idle_exit=args.idle_exit,
         presets=args.presets,

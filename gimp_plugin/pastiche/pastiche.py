@@ -33,10 +33,16 @@ else:
 
 PROC_NAME = "plug-in-pastiche"
 ANIMATION_PROC = "plug-in-pastiche-animation"
-DIALOG_ARGS = [
+RESOLUTION_LABELS = {  # client.RESOLUTIONS, as the dialog shows them
+    "auto": "Full resolution up to the helper's limit",
+    "full": "Full resolution",
+    "size": "Output size, scaled to the layer",
+}
+SHARED_DIALOG_ARGS = [
     "style-file", "preset", "strength", "keep-faces", "size", "quality", "preserve-colors",
 ]  # fmt: skip
-ANIMATION_DIALOG_ARGS = [*DIALOG_ARGS, "new-image"]
+DIALOG_ARGS = [*SHARED_DIALOG_ARGS[:4], "resolution", *SHARED_DIALOG_ARGS[4:]]
+ANIMATION_DIALOG_ARGS = [*SHARED_DIALOG_ARGS, "new-image"]
 
 
 def _fail(procedure, message: str):
@@ -110,7 +116,14 @@ def _paint(procedure, image, drawables, config):
         path, x, y, width, height = _export_region(image, drawable, folder)
         with open(path, "rb") as fh:
             content = fh.read()
-        settings = _settings(config)
+        size = client.paint_size(
+            config.get_property("resolution"),
+            config.get_property("size"),
+            width,
+            height,
+            helper.health().get("max_size"),
+        )
+        settings = _settings(config, size)
         png, label = client.run_job(
             helper,
             content,
@@ -125,23 +138,34 @@ def _paint(procedure, image, drawables, config):
         with open(result_path, "wb") as fh:
             fh.write(png)
         Gimp.progress_set_text("Pastiche: adding the new layer…")
-        image.undo_group_start()
-        try:
-            layer = Gimp.file_load_layer(
-                Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(result_path)
-            )
-            layer.set_name(f"Pastiche: {label}")
-            image.insert_layer(layer, drawable.get_parent(), image.get_item_position(drawable))
-            if (layer.get_width(), layer.get_height()) != (width, height):
-                layer.scale(width, height, False)
-            _, off_x, off_y = drawable.get_offsets()
-            layer.set_offsets(off_x + x, off_y + y)
-        finally:
-            image.undo_group_end()
+        _add_layer(image, drawable, result_path, f"Pastiche: {label}", (x, y, width, height))
         Gimp.progress_end()
         Gimp.displays_flush()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def _add_layer(image, drawable, path: str, name: str, region) -> None:
+    """The painting as a new layer above ``drawable`` over ``region`` (x, y, width, height
+    relative to it), masked by the selection if there is one (feathering kept), in one undo
+    step."""
+    x, y, width, height = region
+    image.undo_group_start()
+    try:
+        layer = Gimp.file_load_layer(
+            Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(path)
+        )
+        layer.set_name(name)
+        image.insert_layer(layer, drawable.get_parent(), image.get_item_position(drawable))
+        if (layer.get_width(), layer.get_height()) != (width, height):
+            layer.scale(width, height, False)  # painted at the Output size: scaled to the region
+        _, off_x, off_y = drawable.get_offsets()
+        layer.set_offsets(off_x + x, off_y + y)
+        if not Gimp.Selection.is_empty(image):
+            # Only the selected part shows painted, as with GIMP's own filters.
+            layer.add_mask(layer.create_mask(Gimp.AddMaskType.SELECTION))
+    finally:
+        image.undo_group_end()
 
 
 def _connect(config):
@@ -154,10 +178,10 @@ def _connect(config):
     )
 
 
-def _settings(config):
+def _settings(config, size=None):
     return client.job_settings(
         config.get_property("strength"),
-        config.get_property("size"),
+        config.get_property("size") if size is None else size,
         config.get_property("preserve-colors"),
         config.get_property("keep-faces"),
     )
@@ -333,10 +357,12 @@ class Pastiche(Gimp.PlugIn):
         procedure.set_documentation(
             "Paint the layer in the style of a painting",
             "Neural style transfer (Gatys et al.) by the local Pastiche helper. The result is "
-            "added as a new layer above the active one, covering the selection's bounds.",
+            "added as a new layer above the active one, covering the selection's bounds and "
+            "masked by the selection.",
             name,
         )
         _add_arguments(procedure)
+        _add_resolution(procedure)
         return procedure
 
     def _animation_procedure(self, name):
@@ -419,7 +445,8 @@ def _add_arguments(procedure):
     procedure.add_int_argument(
         "size",
         "Output si_ze",
-        "Long side in pixels the painting is computed at",
+        "Long side in pixels the painting is computed at (a still: unless it is painted at "
+        "the layer's own resolution; the result is scaled to the layer)",
         16,
         8192,
         512,
@@ -456,6 +483,20 @@ def _add_arguments(procedure):
         "Token of that helper",
         "",
         rw,
+    )
+
+
+def _add_resolution(procedure):
+    resolution = Gimp.Choice.new()
+    for i, (nick, label) in enumerate(RESOLUTION_LABELS.items()):
+        resolution.add(nick, i, label, "")
+    procedure.add_choice_argument(
+        "resolution",
+        "_Resolution",
+        "Paint at the layer's own size, or at the Output size and scale the result to the layer",
+        resolution,
+        "auto",
+        GObject.ParamFlags.READWRITE,
     )
 
 

@@ -32,6 +32,9 @@ URL_ENV = "PASTICHE_HELPER_URL"
 TOKEN_ENV = "PASTICHE_HELPER_TOKEN"
 DISCOVERY_ENV = "PASTICHE_HELPER_FILE"
 QUALITIES = ("draft", "standard", "high")
+RESOLUTIONS = ("auto", "full", "size")
+"""How large the painting is computed: ``full`` at the layer's (or selection's) own size,
+``size`` at the Output size and scaled to the layer, ``auto`` full up to the helper's limit."""
 DEFAULT_IDLE_EXIT = 900
 DEFAULT_START_TIMEOUT = 180.0
 
@@ -380,6 +383,17 @@ def describe(status: dict[str, Any]) -> tuple[float, str]:
     if state == "done":
         return 1.0, "Pastiche: done"
     return 1.0, f"Pastiche: {state}"
+
+
+def paint_size(resolution: str, size: int, width: int, height: int, limit: int | None) -> int:
+    """The long side to paint ``width`` x ``height`` pixels at (see RESOLUTIONS); ``limit`` is
+    the helper's largest size (its /health ``max_size``; None: no limit known)."""
+    if resolution not in RESOLUTIONS:
+        raise HelperError(f"Unknown resolution {resolution!r}; use {', '.join(RESOLUTIONS)}.")
+    own = max(width, height)
+    if resolution == "full" or (resolution == "auto" and (limit is None or own <= limit)):
+        return own
+    return int(size)
 
 
 def job_settings(

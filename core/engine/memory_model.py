@@ -1,0 +1,132 @@
+"""How much memory a scale needs, from its size and settings, and how much a run may use.
+
+The figures are measured, not guessed: ``python -m benchmarks.memory_model`` runs one scale of
+``stylize`` per fresh process at several sizes, resets the kernel's peak-RSS mark after the
+model is built, and fits the peak over the RSS at the scale's start as a fixed part plus a part
+per optimised pixel (least squares); ``tests/test_memory_model.py`` checks predictions against
+new measurements. The engine adds the prediction to the process's RSS when a scale starts: a
+scale that would exceed the budget is painted in tiles (core/engine/tiles.py) whose largest one
+fits.
+
+Model: ``peak = rss_at_start + fixed + per_pixel * pixels (+ canvas_per_pixel * all pixels
+when tiled)``. What the per-pixel cost holds: the activations autograd keeps for the backward
+pass (VGG19 up to relu5_1), their gradients, the optimiser's state (L-BFGS: ``history + 1``
+pairs of image-sized rows), Winograd scratch; the fixed part is what a first step allocates
+once (oneDNN and Winograd workspaces, the Gram matrices). Measured on one machine kind (Intel
+Xeon with AMX, torch 2.13 CPU, glibc): other allocators and kernels differ by some percent, so
+the budget keeps a margin (:data:`SAFETY`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from core.byte_sizes import parse_bytes
+
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class ScaleCost:
+    """What optimising ``pixels`` pixels at once adds to the process's peak, in bytes."""
+
+    fixed: float
+    per_pixel: float
+
+    def extra(self, pixels: int) -> int:
+        return int(self.fixed + self.per_pixel * pixels)
+
+    def pixels_within(self, room: float) -> int:
+        """The most pixels whose extra memory fits in ``room`` bytes (0 if none)."""
+        return max(0, int((room - self.fixed) / self.per_pixel))
+
+
+# Measured 2026-11-30 with `python -m benchmarks.memory_model` on the project's CI machine kind
+# (Intel Xeon with AMX, 2 cores shared with other jobs, torch 2.13 CPU, glibc), one scale of
+# 12 steps at 256, 512, 768 and 1024 px (4:3; bf16 L-BFGS also at 1280 and 1448 px, and 512
+# and 1024 px measured again: repeated points differ by up to 240 MiB at 1024 px, the heap's
+# layout). Per pixel: the least-squares slope; fixed: raised until every point is on or under
+# the line. Extra MiB measured (pixels): lbfgs/fp32 218, 625, 1186, 2118 (49152, 196608,
+# 442368, 786432); lbfgs/bf16 144, 433-490, 815, 1425-1665, 2497, 3104 (..., 1228800,
+# 1572528); adam/fp32 285, 611, 1160, 2018; adam/bf16 204, 419, 798, 1456.
+COSTS: dict[tuple[str, str], ScaleCost] = {
+    ("lbfgs", "fp32"): ScaleCost(fixed=123.5 * MiB, per_pixel=2674.8),
+    ("lbfgs", "bf16"): ScaleCost(fixed=132.2 * MiB, per_pixel=2043.6),
+    ("lbfgs", "plain"): ScaleCost(fixed=123.5 * MiB, per_pixel=2674.8),
+    ("adam", "fp32"): ScaleCost(fixed=169.6 * MiB, per_pixel=2464.6),
+    ("adam", "bf16"): ScaleCost(fixed=120.0 * MiB, per_pixel=1782.7),
+    ("adam", "plain"): ScaleCost(fixed=123.5 * MiB, per_pixel=2674.8),
+}
+"""(optimizer, kind) -> cost of one optimisation scale. Kind: "bf16" (autocast), "fp32"
+(Winograd convolutions and fused pooling, the CPU's fp32 path), "plain" (fp32 without either:
+the graph a GPU runs and the CPU's with those levers off)."""
+TARGETS: dict[str, ScaleCost] = {
+    "fp32": ScaleCost(fixed=50 * MiB, per_pixel=600.0),
+    "bf16": ScaleCost(fixed=50 * MiB, per_pixel=400.0),
+    "plain": ScaleCost(fixed=50 * MiB, per_pixel=600.0),
+}
+"""kind -> cost of a forward pass without gradients (the style and content targets), per
+pixel of the image passed through."""
+MEASURED_HISTORY = 10
+"""L-BFGS history the costs were measured with; each further pair adds two float32 rows."""
+HISTORY_BYTES_PER_PIXEL = 2 * 3 * 4
+CANVAS_BYTES_PER_PIXEL = 3 * 4 + 3 * 4 // 2 + 3 + 4
+"""A tiled scale also holds its whole image (float32 RGB), the previous scale's (half the
+pixels), the photo resized to the scale (8-bit RGB) and the blending weights of one tile row
+at most (bounded here by a float per pixel)."""
+SAFETY = 0.9
+"""Share of the budget the predictions may fill: the model is fitted on one machine kind."""
+AUTO_SHARE = 0.5
+"""``max_memory="auto"``: this share of the memory available when the run starts."""
+
+
+def kind_of(dtype_name: str, winograd: bool, fused_pooling: bool) -> str:
+    """The cost table's kind for a run's precision and levers."""
+    if dtype_name != "fp32":
+        return "bf16"
+    return "fp32" if (winograd or fused_pooling) else "plain"
+
+
+def scale_cost(optimizer: str, kind: str, lbfgs_history: int = MEASURED_HISTORY) -> ScaleCost:
+    """The cost of one optimisation scale; L-BFGS's history beyond the measured one added."""
+    base = COSTS[(optimizer, kind)]
+    if optimizer != "lbfgs":
+        return base
+    more = (lbfgs_history - MEASURED_HISTORY) * HISTORY_BYTES_PER_PIXEL
+    return ScaleCost(base.fixed, base.per_pixel + more)
+
+
+def available_ram() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages, else None."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def rss_now() -> int | None:
+    """This process's resident set size (Linux), or None."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def resolve_budget(setting: str, held: int, free: int | None) -> int | None:
+    """The budget in bytes for ``Settings.max_memory``: the given amount, or for ``auto`` what
+    the process holds plus AUTO_SHARE of what is free (None when free memory is unknown: no
+    limit)."""
+    if setting != "auto":
+        return parse_bytes(setting, name="max_memory")
+    if free is None:
+        return None
+    return held + int(AUTO_SHARE * free)

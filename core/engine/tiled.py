@@ -1,0 +1,353 @@
+"""One scale painted in overlapping tiles, when the whole scale does not fit the memory budget.
+
+The tiles (core/engine/tiles.py) are optimised one after the other by the same per-scale
+optimisation as a whole scale (core/engine/scale.py: ``optimise_scale``), each with its own
+content target (its part of the photo) and the style targets of the whole style image; each
+starts from the image as painted so far and is blended back in with feathered edges. The
+scale's image (the *canvas*) is the only full-size tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from core.byte_sizes import format_bytes
+from core.engine import memory_model, tiles
+from core.engine.cpu import memory
+from core.engine.device import pick_fused_pooling, pick_winograd
+from core.engine.losses import GramGuide, gram_key
+from core.engine.memory_model import CANVAS_BYTES_PER_PIXEL, SAFETY, ScaleCost
+from core.engine.model import Forward, LayerPlan
+from core.engine.scale import (
+    PREVIEW_SIDE,
+    Grams,
+    ProgressClock,
+    ScalePlan,
+    ScaleResult,
+    TileStep,
+    build_objective,
+    face_guide,
+    optimise_scale,
+    style_terms,
+)
+from core.engine.tensors import to_tensor
+from core.errors import SettingsError
+from core.settings import Settings
+
+MIN_TILE_SIDE = 64
+"""Smaller tiles would be mostly overlap; a budget that cannot hold one is refused."""
+MIN_MARGIN = 16
+"""The least overlap between tiles, and context around them (pixels; VGG19's deepest stride).
+Print-size tiles get an eighth of their side (tiles.choose_overlap)."""
+
+
+@dataclass
+class MemoryPlan:
+    """What a run may use (``limit`` bytes in all, None: no limit), what its process held when
+    the scales were planned, and the measured costs (core/engine/memory_model.py) that decide
+    which scales are painted in tiles."""
+
+    limit: int | None
+    held: int
+    cost: ScaleCost
+    targets: ScaleCost
+    predicted: list[int] = field(default_factory=list)
+
+    @classmethod
+    def for_run(cls, s: Settings, device: torch.device, dtype: torch.dtype | None) -> MemoryPlan:
+        """The budget of ``s.max_memory`` on ``device``: GPU memory on CUDA, else RAM."""
+        free: int | None
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            held = torch.cuda.memory_allocated(device)
+        else:
+            free, held = memory_model.available_ram(), memory_model.rss_now() or 0
+        kind = memory_model.kind_of(
+            "fp32" if dtype is None else "bf16",
+            pick_winograd(s, device),
+            pick_fused_pooling(s, device),
+        )
+        return cls(
+            memory_model.resolve_budget(s.max_memory, held, free),
+            held,
+            memory_model.scale_cost(s.optimizer, kind, s.lbfgs_history),
+            memory_model.TARGETS[kind],
+        )
+
+    def room(self) -> float | None:
+        """Bytes the scales may add to what is held (None: no limit)."""
+        return None if self.limit is None else SAFETY * self.limit - self.held
+
+    def tile(self, scales: Sequence[ScalePlan]) -> list[ScalePlan]:
+        """The scales, each with tiles where the whole scale would not fit (each tiled scale's
+        seams moved away from the previous tiled scale's)."""
+        room = self.room()
+        out: list[ScalePlan] = []
+        previous: tiles.TileGrid | None = None
+        self.predicted = []
+        for scale in scales:
+            if room is None or self.cost.extra(scale.pixels) <= room:
+                out.append(scale)
+                self.predicted.append(self.held + self.cost.extra(scale.pixels))
+                continue
+            w, h = scale.size
+            canvas = CANVAS_BYTES_PER_PIXEL * w * h
+            max_pixels = self.cost.pixels_within(room - canvas)
+            context = tiles.choose_overlap(max_pixels, minimum=MIN_MARGIN)
+            tile_pixels = int((math.sqrt(max_pixels) - 2 * context) ** 2)
+            if tile_pixels < MIN_TILE_SIDE**2:
+                raise self._too_small(scale)
+            overlap = tiles.choose_overlap(tile_pixels, minimum=MIN_MARGIN)
+            grid = tiles.plan_grid(w, h, tile_pixels, overlap, previous)
+            grid = replace(grid, context=context)
+            out.append(replace(scale, grid=grid))
+            self.predicted.append(self.held + canvas + self.cost.extra(grid.largest_window))
+            previous = grid
+        return out
+
+    def target_pixels(self, scale: tuple[int, int], style: tuple[int, int]) -> int | None:
+        """The most pixels one forward pass for the style targets of a ``style``-sized image
+        may take at a ``scale``-sized scale (None: no limit)."""
+        room = self.room()
+        if room is None:
+            return None
+        pixels = style[0] * style[1]
+        taken = CANVAS_BYTES_PER_PIXEL * scale[0] * scale[1] + 3 * 4 * pixels  # style tensor
+        return max(MIN_TILE_SIDE**2, self.targets.pixels_within(room - taken))
+
+    def describe(self) -> dict[str, int | None]:
+        """For the result's metadata (bytes)."""
+        return {
+            "budget": self.limit,
+            "held_at_start": self.held,
+            "predicted_peak": max(self.predicted, default=self.held),
+        }
+
+    def _too_small(self, scale: ScalePlan) -> SettingsError:
+        w, h = scale.size
+        side = MIN_TILE_SIDE + 2 * MIN_MARGIN
+        need = self.held + self.cost.extra(side**2) + CANVAS_BYTES_PER_PIXEL * w * h
+        return SettingsError(
+            f"max_memory {format_bytes(self.limit or 0)} is too small for a {w}x{h} painting: "
+            f"this process already holds {format_bytes(self.held)}, and painting in tiles "
+            f"needs at least {format_bytes(need / SAFETY)} in all. Raise max_memory or lower "
+            "the size."
+        )
+
+
+def blend(canvas: torch.Tensor, tile: tiles.Tile, painted: torch.Tensor) -> None:
+    """Write ``painted`` into the canvas, ramped in over the overlaps with painted neighbours."""
+    region = canvas[:, :, tile.y : tile.y + tile.height, tile.x : tile.x + tile.width]
+    if not tile.feather_left and not tile.feather_top:
+        region.copy_(painted)
+        return
+    wx, wy = tiles.feather(tile)
+    weight = torch.tensor(wy, dtype=canvas.dtype, device=canvas.device).view(1, 1, -1, 1) * (
+        torch.tensor(wx, dtype=canvas.dtype, device=canvas.device).view(1, 1, 1, -1)
+    )
+    region.lerp_(painted.to(canvas.dtype), weight)
+
+
+def start_canvas(
+    size: tuple[int, int],
+    previous: torch.Tensor | None,
+    first: Callable[[], torch.Tensor],
+    prep: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The scale's whole image to paint tiles on: the previous scale upsampled (else
+    ``first()``), clamped in place so that only one full-size tensor is made."""
+    w, h = size
+    if previous is None:
+        start = first()
+    else:
+        start = F.interpolate(previous, size=(h, w), mode="bicubic", align_corners=False)
+    return prep(start.clamp_(0, 1)).contiguous()
+
+
+def preview_sized(photo: torch.Tensor | None) -> torch.Tensor | None:
+    """The photo whose chroma previews take, shrunk to preview size: taking a print-size
+    photo's chroma for every preview would make several full-size copies each time."""
+    if photo is None:
+        return None
+    _, _, h, w = photo.shape
+    factor = 2 * PREVIEW_SIDE / max(w, h)
+    if factor >= 1:
+        return photo
+    return F.interpolate(
+        photo, size=(max(1, round(h * factor)), max(1, round(w * factor))), mode="area"
+    )
+
+
+def composer(
+    canvas: torch.Tensor, tile: tiles.Tile, side: int = 2 * PREVIEW_SIDE
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For previews: the canvas at most ``side`` px long with the tile's current image in
+    place (both shrunk; the canvas itself is left alone)."""
+    _, _, h, w = canvas.shape
+    factor = min(1.0, side / max(w, h))
+
+    def compose(current: torch.Tensor) -> torch.Tensor:
+        small = F.interpolate(canvas, size=(round(h * factor), round(w * factor)), mode="area")
+        x0, y0 = round(tile.x * factor), round(tile.y * factor)
+        x1 = min(small.shape[-1], round((tile.x + tile.width) * factor))
+        y1 = min(small.shape[-2], round((tile.y + tile.height) * factor))
+        if x1 > x0 and y1 > y0:
+            small[:, :, y0:y1, x0:x1] = F.interpolate(current, size=(y1 - y0, x1 - x0), mode="area")
+        return small
+
+    return compose
+
+
+def paint_tiled(
+    s: Settings,
+    plan: LayerPlan,
+    fwd: Forward,
+    index: int,
+    clock: ProgressClock,
+    should_stop: Callable[[], bool] | None,
+    canvas: torch.Tensor,
+    photo: Image.Image,
+    content_prep: Callable[[torch.Tensor], torch.Tensor],
+    targets: Iterable[tuple[Grams, float]],
+    face_mask: torch.Tensor | None = None,
+) -> ScaleResult:
+    """Scale ``index`` of ``clock.scales`` (which has a grid) painted tile by tile onto
+    ``canvas`` (its start image, changed in place); ``photo`` is the photo at the scale's
+    size; ``face_mask`` (the scale's, see run.py) is cut to each tile's window.
+
+    Style: the whole image's Gram matrix is the area-weighted sum of its cores' (tiles
+    partition its positions; :func:`_core_grams`), so each tile is optimised towards its own
+    Gram moved by its part of the whole's distance to the style (:func:`_tile_target`): the
+    whole's style loss is what the untiled painting minimises. Matching every tile to the style
+    itself asks each part for the statistics of the whole, which left the whole far from them
+    (tests/test_tiling.py); letting each tile make up for all of the whole's distance gave the
+    first tiles far more texture than the later ones. The losses reported are the tiles'
+    content and TV terms weighted by their cores' areas, and the whole image's style loss.
+    """
+    grid = clock.scales[index].grid
+    assert grid is not None
+    targets = list(targets)
+    whole = _core_grams(fwd, plan, canvas, grid, grid.tiles)  # the image's Grams, kept current
+    rest = 1.0  # the share of the image still to paint
+    totals: dict[str, float] = {}
+    steps, restored = 0, False
+    remaining = grid.pixels
+    for k, tile in enumerate(grid.tiles):
+        remaining -= tile.pixels
+        clock.begin_tile(TileStep(k, tile.pixels, remaining, composer(canvas, tile)))
+        box = grid.window(tile)
+        share = _share(grid, tile)
+        before = _core_grams(fwd, plan, canvas, grid, (tile,))
+        mine = [(_tile_target(g, whole, before, share, rest), w) for g, w in targets]
+        content_t = content_prep(to_tensor(photo.crop(box), canvas.device))
+        mask = None if face_mask is None else _cut(face_mask, box)
+        objective = build_objective(s, plan, fwd, content_t, mine, mask)
+        del content_t, mine
+        embed, core = _embedding(canvas, tile, box)
+        guide = GramGuide(core if mask is None else core * face_guide(s, mask).weights)
+        region = canvas[:, :, tile.y : tile.y + tile.height, tile.x : tile.x + tile.width]
+        leaf = region.clone().requires_grad_(True)
+        memory.release()
+        done = optimise_scale(
+            s, fwd, plan, objective, leaf, index, clock, should_stop, guide, embed
+        )
+        blend(canvas, tile, done.image)
+        after = _core_grams(fwd, plan, canvas, grid, (tile,))
+        whole = {n: whole[n] + after[n] - before[n] for n in whole}
+        rest -= share
+        for name, value in done.losses.items():
+            totals[name] = totals.get(name, 0.0) + value * share
+        steps, restored = steps + done.steps, restored or done.restored_best
+        del objective, leaf, done, mask, guide, embed, core, after, before
+    clock.end_tiles()
+    if "style" in totals:  # the whole image's, from its Grams (the tiles' are per tile)
+        style = _style_loss(s, plan, targets, whole)
+        totals["total"] += style - totals["style"]
+        totals["style"] = style
+    return ScaleResult(canvas, totals, steps, restored)
+
+
+def _style_loss(
+    s: Settings, plan: LayerPlan, targets: list[tuple[Grams, float]], grams: Grams
+) -> float:
+    feats = {gram_key(n): g for n, g in grams.items()}
+    with torch.no_grad():
+        return float(sum(float(term(feats)) for term in style_terms(s, plan, targets)))
+
+
+def _tile_target(target: Grams, whole: Grams, mine: Grams, share: float, rest: float) -> Grams:
+    """The Gram target of the next tile's core (``mine``: its share times its Gram now): its
+    own Gram moved by the whole image's distance to the style's, over the ``rest`` of the image
+    still to paint. If this tile and each after it move so, the whole moves by all of it (the
+    whole's Gram is the share-weighted sum of the cores'), each part by the same amount, as
+    in the untiled painting; what a tile falls short of is shared by the tiles after it."""
+    rest = max(rest, share)
+    return {n: mine[n] / share + (target[n] - whole[n]) / rest for n in target}
+
+
+def _share(grid: tiles.TileGrid, tile: tiles.Tile) -> float:
+    x0, y0, x1, y1 = tile.core
+    return (x1 - x0) * (y1 - y0) / (grid.width * grid.height)
+
+
+def _core_grams(
+    fwd: Forward,
+    plan: LayerPlan,
+    canvas: torch.Tensor,
+    grid: tiles.TileGrid,
+    cores: Iterable[tiles.Tile],
+) -> Grams:
+    """Sum over ``cores`` of each core's share of the image times its Gram matrices, taken over
+    the core's positions seen in the tile's window (the whole image's Gram when ``cores`` are
+    all of them, as tiled_grams.py does for the style image)."""
+    out: Grams = {}
+    with torch.no_grad():
+        for tile in cores:
+            box = grid.window(tile)
+            core = _core_weights(tile, box, canvas.device)
+            feats = fwd(_cut(canvas, box), plan.style, grams=plan.style, guide=GramGuide(core))
+            share = _share(grid, tile)
+            for n in plan.style:
+                g = feats[gram_key(n)] * share
+                out[n] = out[n] + g if n in out else g
+            del feats
+    return out
+
+
+def _core_weights(
+    tile: tiles.Tile, box: tuple[int, int, int, int], device: torch.device
+) -> torch.Tensor:
+    """(1, 1, h, w) over the window ``box``: 1 on the tile's core, 0 elsewhere."""
+    x0, y0, x1, y1 = tile.core
+    weights = torch.zeros((1, 1, box[3] - box[1], box[2] - box[0]), device=device)
+    weights[:, :, y0 - box[1] : y1 - box[1], x0 - box[0] : x1 - box[0]] = 1.0
+    return weights
+
+
+def _cut(t: torch.Tensor, box: tuple[int, int, int, int]) -> torch.Tensor:
+    x0, y0, x1, y1 = box
+    return t[:, :, y0:y1, x0:x1].contiguous()
+
+
+def _embedding(
+    canvas: torch.Tensor, tile: tiles.Tile, box: tuple[int, int, int, int]
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """What the network sees while ``tile`` is optimised: the tile's current pixels inside the
+    canvas's fixed pixels of ``box`` (a copy, taken now); and the style guide's weights, 1 on
+    the tile's core and 0 elsewhere, so that only the core's positions enter its Gram matrices
+    (the context gives them their surroundings; the overlaps are other cores')."""
+    context = _cut(canvas, box)
+    x, y = tile.x - box[0], tile.y - box[1]
+
+    def embed(leaf: torch.Tensor) -> torch.Tensor:
+        seen = context.clone()
+        seen[:, :, y : y + tile.height, x : x + tile.width] = leaf
+        return seen
+
+    return embed, _core_weights(tile, box, canvas.device)
