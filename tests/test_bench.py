@@ -142,6 +142,6 @@ def test_gpu_check_runs_every_variant(capsys: pytest.CaptureFixture[str]) -> Non
     rows = [line for line in capsys.readouterr().out.splitlines() if " steps/s " in line]
     assert len(rows) == len(gpu.VARIANTS) - len(gpu.COMPILED)
     # Precision forced; on a CPU the convolution path may still be measured ("..., precision forced").
-    assert "ran bf16 (" in rows[1] and "forced)" in rows[1]
-    assert "ran fp32 (" in rows[2] and "forced)" in rows[2]
+    assert re.search(r"ran bf16(\+winograd)? \(.*forced\)", rows[1]), rows[1]
+    assert re.search(r"ran fp32(\+winograd)? \(.*forced\)", rows[2]), rows[2]
     assert "(cached from" in rows[0] or "(measured" in rows[0]
