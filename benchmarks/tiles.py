@@ -1,7 +1,8 @@
 """Print sizes within a memory budget: peak memory, time, and what tiling costs.
 
 Each run is ``pastiche stylize`` in its own process (the command a user types), its peak RSS
-read from the kernel when it exits (``wait4``). Three measurements (issue 15's targets):
+read from the kernel when it exits (through benchmarks/peak.py's launcher, so this
+process's own memory is not counted). Three measurements (issue 15's targets):
 
 * ``2048``: 2048 px with ``--max-memory 1.5GB`` (peak must stay under 1.5 GB);
 * ``4096``: 4096 px with ``--max-memory 3GB`` (under 3 GB, and under 30 minutes);
@@ -20,15 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .bench import cpu_name, load_average, synthetic_images
+from .peak import run_python
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,23 +38,20 @@ def stylize(content: Path, style: Path, out: Path, *options: str) -> dict[str, A
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     command = [
-        sys.executable, "-m", "core", "stylize", str(content), "--style", str(style),
+        "-m", "core", "stylize", str(content), "--style", str(style),
         "-o", str(out), "--backbone", "random", "--quiet", *options,
     ]  # fmt: skip
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    errors = proc.stderr.read() if proc.stderr else ""
+    proc = run_python(command, cwd=ROOT, env=env)
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed ({proc.returncode}):\n{errors[-3000:]}")
+        raise RuntimeError(
+            f"{' '.join(command)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
+        )
     from core.images import read_metadata
 
     meta = read_metadata(out) or {}
-    peak = usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-    cpu = usage.ru_utime + usage.ru_stime  # the machine is shared: CPU time is the steadier one
-    return {"options": list(options), "wall_seconds": wall, "cpu_seconds": cpu,
+    peak = proc.peak_bytes  # the CLI's own, not this process's (benchmarks/peak.py)
+    return {"options": list(options), "wall_seconds": proc.wall_seconds,
+            "cpu_seconds": proc.cpu_seconds,  # the machine is shared: CPU time is steadier
             "peak_bytes": peak, "peak_mib": peak / 2**20, "metadata": meta}  # fmt: skip
 
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 import io
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from benchmarks.peak import run_python
 from core.byte_sizes import parse_bytes
 from core.engine import backbones, memory_model, tiles
 from core.engine import run as engine
@@ -205,16 +204,6 @@ def test_the_output_keeps_the_photos_print_resolution(runs) -> None:
 # counts its parent's RSS at the fork: subprocess's fork+exec from a pytest process holding
 # 1.4 GB reported 1.48 GB for a run whose own peak was 0.9 GB. A child forked from this small
 # launcher starts afresh.
-PEAK_LAUNCHER = """import os, sys
-pid = os.fork()
-if pid == 0:
-    os.execv(sys.executable, [sys.executable, *sys.argv[1:]])
-_, status, usage = os.wait4(pid, 0)
-print("PEAK_KB", usage.ru_maxrss, file=sys.stderr)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
-
-
 @pytest.mark.slow
 def test_a_large_run_stays_under_its_budget(tmp_path: Path) -> None:
     """``pastiche stylize --size 640 --max-memory 1.3GB`` in a fresh process: the final scale
@@ -226,17 +215,17 @@ def test_a_large_run_stays_under_its_budget(tmp_path: Path) -> None:
     make_image(320, 320, seed=22).save(style_path)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     command = [
-        sys.executable, "-c", PEAK_LAUNCHER, "-m", "core", "stylize", str(content),
+        "-m", "core", "stylize", str(content),
         "--style", str(style_path), "-o", str(out), "--backbone", "random", "--size", "640",
         "--min-size", "320", "--iterations", "3", "--max-memory", "1.3GB", "--quiet",
         "--precision", "fp32",
     ]  # fmt: skip
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    proc = run_python(command, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stderr
     from core.images import read_metadata
 
     meta = read_metadata(out)
     assert meta is not None and max(meta["tiles"]) > 1, meta
-    peak = int(proc.stderr.split("PEAK_KB")[-1].split()[0]) * 1024  # KiB on Linux
+    peak = proc.peak_bytes  # the CLI's own peak, not pytest's (see benchmarks/peak.py)
     assert peak <= 1.3e9, f"peak RSS {peak / 1e6:.0f} MB over the 1.3 GB budget ({meta})"
     assert Image.open(out).size == (640, 480)
