@@ -118,6 +118,31 @@ def test_the_allocator_lever_leaves_the_settings_alone(libc, log, tiny_settings)
     assert log[-1] == ("trim",)
 
 
+def test_a_run_painted_in_tiles_leaves_the_allocator_alone(
+    libc, log, tiny_settings, monkeypatch
+) -> None:
+    """A run within a tight memory budget does not keep freed memory: the kept heap fragments
+    between tiles (docs/BENCHMARKS.md, print sizes); it still gives memory back at the end."""
+    from core.engine import memory_model
+    from tests.test_tiling import HELD, SIZE, TILE_PIXELS, budget_for
+
+    monkeypatch.setattr(memory_model, "rss_now", lambda: HELD)
+    s = tiny_settings(size=SIZE[0], min_size=80, iterations=2, precision="fp32")
+    s = s.replace(max_memory=budget_for(s, SIZE, TILE_PIXELS))
+
+    def on_progress(p) -> None:
+        log.append(("step", p.scale, dict(libc.params)))
+
+    r = Engine().stylize(make_image(*SIZE), [make_image(seed=2)], s, on_progress=on_progress)
+    assert max(r.metadata["tiles"]) > 1, r.metadata["tiles"]
+    steps = [e for e in log if e[0] == "step"]
+    assert steps and all(e[2] == memory.GLIBC_DEFAULTS for e in steps)
+    assert log[-1] == ("trim",)
+    log.clear()
+    _run(libc, log, tiny_settings(iterations=2))  # the same engine, untiled: kept again
+    assert all(e[2] == KEPT for e in log if e[0] == "step")
+
+
 def test_the_values_restored_are_those_the_environment_set_at_start() -> None:
     assert memory.started_with({}) == memory.GLIBC_DEFAULTS
     env = {"MALLOC_TRIM_THRESHOLD_": "4096", "MALLOC_MMAP_MAX_": "bad"}
