@@ -7,6 +7,8 @@ unmapped when freed and the top of the heap is trimmed, so every step faulted te
 of fresh pages back in. Keeping freed memory in the heap during a run removes that, and trimming
 explicitly at each pyramid scale and at the end of a run still gives it back (``malloc_trim``
 also releases free pages inside the heap). The measured gain is in docs/BENCHMARKS.md.
+Runs painted in tiles within a memory budget do not keep freed memory: there the heap
+fragments between blocks of different sizes and overshot the budget (core/engine/run.py).
 
 The settings hold only while a run is going (``during_run``): afterwards the two parameters go
 back to what the process started with, so calling ``stylize`` from another program leaves its
