@@ -143,6 +143,22 @@ def test_a_run_painted_in_tiles_leaves_the_allocator_alone(
     assert all(e[2] == KEPT for e in log if e[0] == "step")
 
 
+def test_an_animation_keeps_freed_memory_only_while_it_is_painted(libc, log, tiny_settings) -> None:
+    """Clips go through the same rule as stills: kept during the frames' steps, the
+    allocator's settings put back afterwards (they were left changed before)."""
+    from core.engine import stylize_frames
+
+    def on_progress(p) -> None:
+        log.append(("step", p.frame, dict(libc.params)))
+
+    frames = [make_image(64, 48, seed=k) for k in (3, 4)]
+    settings = tiny_settings(iterations=2)
+    stylize_frames(frames, [make_image(seed=2)], settings, on_progress=on_progress)
+    steps = [e for e in log if e[0] == "step"]
+    assert {e[1] for e in steps} == {1, 2} and all(e[2] == KEPT for e in steps)
+    assert libc.params == memory.GLIBC_DEFAULTS and log[-1] == ("trim",)
+
+
 def test_the_values_restored_are_those_the_environment_set_at_start() -> None:
     assert memory.started_with({}) == memory.GLIBC_DEFAULTS
     env = {"MALLOC_TRIM_THRESHOLD_": "4096", "MALLOC_MMAP_MAX_": "bad"}

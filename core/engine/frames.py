@@ -178,11 +178,10 @@ def stylize_frames(
     is checked before every step. Raises what ``stylize`` raises."""
     s = settings or Settings()
     loaded = _load_frames(frames)
-    memory.keep_freed_memory()  # as Engine.stylize does
-    try:
-        return _Clip(engine or default_engine(), s, loaded, on_progress, should_stop).run(styles)
-    finally:
-        memory.release()
+    engine = engine or default_engine()
+    # As Engine.stylize: freed memory kept only while the clip is painted, settings put back.
+    with memory.during_run(engine.keep_heap):
+        return _Clip(engine, s, loaded, on_progress, should_stop).run(styles)
 
 
 class _Clip:
