@@ -200,10 +200,6 @@ def test_the_output_keeps_the_photos_print_resolution(runs) -> None:
         assert runs[key].image.info["dpi"] == (300.0, 300.0)
 
 
-# Runs a command in a grandchild and prints its peak RSS. Needed because a child's ru_maxrss
-# counts its parent's RSS at the fork: subprocess's fork+exec from a pytest process holding
-# 1.4 GB reported 1.48 GB for a run whose own peak was 0.9 GB. A child forked from this small
-# launcher starts afresh.
 @pytest.mark.slow
 def test_a_large_run_stays_under_its_budget(tmp_path: Path) -> None:
     """``pastiche stylize --size 640 --max-memory 1.3GB`` in a fresh process: the final scale

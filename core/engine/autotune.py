@@ -409,8 +409,8 @@ def merged(earlier: Record, busy: Record) -> Record:
     """A busy probe combined with the earlier one it repeats: each path keeps its fastest
     step of the two. Other programs only ever add time, so per-path minima come closer to the
     quiet machine's figures than either probe alone; keeping only the last busy probe once
-    the attempts ran out left one machine here on fp32, measured 2.4x slower than bf16 when
-    quiet, for good."""
+    the attempts ran out left one machine here on fp32, measured 3.4x slower a step than bf16
+    when quiet, for good."""
     before = {t.path: t for t in earlier.trials}
     trials = []
     for trial in busy.trials:

@@ -189,7 +189,8 @@ class Engine:
             # No page faults from step to step while the scales are painted; but not when they
             # are painted in tiles to stay within a memory budget: a heap that keeps what it
             # frees fragments between tiles and scales of different sizes (a 2048 px run at
-            # --max-memory 1.5GB peaked at 1.9 GB with it, 1.4 GB without, at the same speed).
+            # --max-memory 1.5GB peaked at 2.0 GB with it, 1.45 GB without, but took 1.39x as
+            # long: docs/BENCHMARKS.md, "Print sizes").
             with memory.during_run(self.keep_heap and not run.tiled):
                 return run.result()
 
