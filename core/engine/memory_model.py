@@ -62,12 +62,12 @@ COSTS: dict[tuple[str, str], ScaleCost] = {
 (Winograd convolutions and fused pooling, the CPU's fp32 path), "plain" (fp32 without either:
 the graph a GPU runs and the CPU's with those levers off)."""
 # Measured 2026-11-30 with ``benchmarks.memory_model.measure("targets/<kind>", 768)`` (589824
-# pixels, same machine kind as COSTS): extra MiB fp32 520; bf16 419 and 471 (two runs). Per pixel
-# set so the fixed part plus it bounds those points by a few percent; one size only, so the
-# budget's SAFETY margin covers the rest.
+# pixels, same machine kind as COSTS): extra MiB fp32 520; bf16 419, 471 and, in a CI run, 533
+# (the heap's layout varies from run to run). Per pixel set so the fixed part plus it bounds
+# those points by a few percent; one size only, so the budget's SAFETY margin covers the rest.
 TARGETS: dict[str, ScaleCost] = {
     "fp32": ScaleCost(fixed=50 * MiB, per_pixel=850.0),
-    "bf16": ScaleCost(fixed=50 * MiB, per_pixel=800.0),
+    "bf16": ScaleCost(fixed=50 * MiB, per_pixel=900.0),
     "plain": ScaleCost(fixed=50 * MiB, per_pixel=850.0),
 }
 """kind -> cost of a forward pass without gradients (the style and content targets), per
