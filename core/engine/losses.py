@@ -77,8 +77,8 @@ class _GuidedGram(torch.autograd.Function):
     4: each region's style statistics are taken over that region's guidance channel).
 
     Same layout and precision rules as ``_Gram``; the weighted copy of the activation is a
-    transient in both passes (the forward's and the backward's), so only the activation itself,
-    which the network keeps anyway, is saved. The forward weights both factors by ``sqrt(w)``
+    transient of the forward pass only, so only the activation itself, which the network keeps
+    anyway, is saved. The forward weights both factors by ``sqrt(w)``
     (the weights are non-negative), so its one float32 copy of the activation is also the
     weighted one: no more transient memory than ``_Gram`` (a second 64 MB copy at conv1_1 for a
     512 px image otherwise).
@@ -100,9 +100,12 @@ class _GuidedGram(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
         mat, weights = ctx.saved_tensors
         sym = (grad + grad.transpose(1, 2)).div_(ctx.n).to(mat.dtype)
-        weighted = mat * weights.to(mat.dtype)
-        out = torch.bmm(weighted, sym) if ctx.positions_first else torch.bmm(sym, weighted)
-        return out, None, None, None
+        # (w * mat) @ sym == w * (mat @ sym) with one weight per position (a row of mat when
+        # positions come first, a column otherwise): weighting the product in place spares an
+        # activation-sized copy at the backward pass's peak (about 55 MB of a 512 px run's
+        # peak, docs/BENCHMARKS.md).
+        out = torch.bmm(mat, sym) if ctx.positions_first else torch.bmm(sym, mat)
+        return out.mul_(weights.to(mat.dtype)), None, None, None
 
 
 def guided_gram(features: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
