@@ -50,7 +50,7 @@ def scale_of(settings: Settings) -> engine.ScalePlan:
         memory_model.TARGETS["fp32"],
     )  # fmt: skip
     (scale,) = plan.tile([engine.ScalePlan(SIZE, ITERATIONS)])
-    assert scale.grid is not None and scale.second == scale.grid.mirrored()
+    assert scale.grid is not None and scale.second is not None
     assert scale.iterations == SWEEP_ITERATIONS
     return scale
 
@@ -116,11 +116,10 @@ def test_tiled_and_untiled_runs_agree(runs, base, photo_png, style) -> None:
         tiled.settings.max_memory
     )
     # Both outputs scored by one fp32 objective at the full size. Each tile is optimised
-    # towards the whole image's style loss (core/engine/tiled.py), but greedily, a tile at a
-    # time, in two sweeps of half the scale's steps each: 25 % above the untiled painting is
-    # the most allowed. Measured on an AMX Xeon: 1.20x here, where each tile gets 4 steps per
-    # sweep (one sweep of 8: 1.06-1.12x), and 1.02x for a 1024 px painting at default quality
-    # (one sweep: 1.28x); matching each tile to the style alone was 2.3x.
+    # towards the whole image's style loss (core/engine/tiled.py) with the scale's step
+    # budget, but greedily, a tile at a time: 15 % above the untiled painting is the most
+    # allowed (1.06x and 1.12x measured on an AMX Xeon at two commits of the same algorithm;
+    # matching each tile to the style alone was 2.3x).
     from benchmarks import baseline
 
     cnn = baseline.network(backbones.random_state_dict("vgg19", 1234))
@@ -129,7 +128,7 @@ def test_tiled_and_untiled_runs_agree(runs, base, photo_png, style) -> None:
         k: baseline.objective(cnn, photo, style, runs[k].image, base) for k in ("untiled", "tiled")
     }
     assert all(math.isfinite(v) and v > 0 for v in scores.values()), scores
-    assert scores["tiled"] <= 1.25 * scores["untiled"], scores
+    assert scores["tiled"] <= 1.15 * scores["untiled"], scores
 
 
 def seam_energy_ratio(img: Image.Image, grid: tiles.TileGrid, reach: int = 2) -> float:
@@ -154,11 +153,17 @@ def test_no_visible_seams(runs) -> None:
     the same ratio for the untiled one: the picture has its own edges near some seams (0.84
     measured here for the untiled painting), and a seam would add energy there (a step) or
     take it away (a blurred band) on top of them."""
-    for grid in runs["scale"].sweeps:  # the first sweep's seams, and the second's (mirrored)
+    for grid in runs["scale"].sweeps:  # the second sweep's seams, and the first's under it
         assert grid.cuts_x or grid.cuts_y
         ratio = seam_energy_ratio(runs["tiled"].image, grid)
         reference = seam_energy_ratio(runs["untiled"].image, grid)
         assert abs(ratio / reference - 1) <= 0.10, (ratio, reference)
+
+
+def test_the_sweeps_seams_are_apart(runs) -> None:
+    first, second = runs["scale"].sweeps
+    for a, b in ((first.cuts_x, second.cuts_x), (first.cuts_y, second.cuts_y)):
+        assert all(abs(x - y) >= first.overlap for x in a for y in b), (a, b)
 
 
 def test_progress_counts_tile_steps(runs) -> None:

@@ -43,17 +43,16 @@ from core.settings import Settings
 MIN_TILE_SIDE = 64
 """Smaller tiles would be mostly overlap; a budget that cannot hold one is refused."""
 SWEEPS = 2
-"""Sweeps over a tiled scale, each with half the scale's steps per tile, the second painted
-from the other end (the grid turned about the centre, tiles.TileGrid.mirrored). Tiles move
-their Gram matrices by 25-100 % of what they are asked (measured by tile), and a sweep hands
-each tile's shortfall on to the tiles after it (:func:`paint_tiled`), so its last tiles get
-the most texture; the second sweep's last tiles are the first's first ones. Measured on a
-1024 px painting whose last scale was painted in 4 tiles (docs/BENCHMARKS.md, "Print
-sizes"): in one sweep the whole's style loss was 1.66x the untiled painting's and fine
-detail went from 0.85x the untiled painting's in the first tiles to 1.72x in the last; in
-two sweeps, style loss 1.0x and detail 0.93x-1.22x with no trend, for 1.03x the time.
-Tried and not kept: a second sweep with shifted seams (more, smaller tiles: 1.55x the time
-at 2048 px, over its memory budget); asking the last tiles for less (style loss 2.1x)."""
+"""Sweeps over a tiled scale, each with half the scale's steps per tile; the second sweep's
+seams are shifted away from the first's, and it is painted from the other end (a mirrored
+grid, tiles.TileGrid.mirrored). Tiles move their Gram matrices by 25-100 % of what they are
+asked (measured by tile), and a sweep hands each tile's shortfall on to the tiles after it
+(:func:`paint_tiled`), so its last tiles get the most texture. Measured on a 1024 px
+painting whose last scale was tiled (docs/BENCHMARKS.md, "Print sizes"): one sweep left the
+whole's style loss at 1.66x the untiled painting's and went from 0.85x its fine detail in
+the first tiles to 1.72x in the last; two sweeps in the same order matched its style loss
+but not the detail (0.84x-1.67x); with the second painted from the other end, style loss
+0.96x and detail 0.94x-1.43x with no trend."""
 MIN_MARGIN = 16
 """The least overlap between tiles, and context around them (pixels; VGG19's deepest stride).
 Print-size tiles get an eighth of their side (tiles.choose_overlap)."""
@@ -116,11 +115,13 @@ class MemoryPlan:
             if tile_pixels < MIN_TILE_SIDE**2:
                 raise self._too_small(scale)
             overlap = tiles.choose_overlap(tile_pixels, minimum=MIN_MARGIN)
-            first = tiles.plan_grid(w, h, tile_pixels, overlap, previous)
-            sweeps = [replace(first, context=context)]
-            if SWEEPS > 1 and scale.iterations >= SWEEPS:
-                sweeps.append(sweeps[0].mirrored())
-            previous = sweeps[-1]
+            sweeps: list[tiles.TileGrid] = []
+            for k in range(SWEEPS if scale.iterations >= SWEEPS else 1):
+                turned = k % 2 == 1  # painted from the other end (SWEEPS says why)
+                last = previous.mirrored() if turned and previous is not None else previous
+                grid = tiles.plan_grid(w, h, tile_pixels, overlap, last)
+                sweeps.append(replace(grid.mirrored() if turned else grid, context=context))
+                previous = sweeps[-1]
             out.append(
                 replace(
                     scale,

@@ -12,10 +12,9 @@ with a raised-cosine ramp across the overlap on the sides whose neighbour is alr
 view, and 1 where the tile's own interior begins. Sides whose neighbour comes later are written
 in full, and that neighbour blends over them.
 
-Each tiled scale (a *pass*) shifts its cuts so that they fall as far as possible from the last
-pass's cuts, so no seam stays in one place from scale to scale. Its second sweep
-(core/engine/tiled.py) paints the same grid turned about the image's centre
-(:meth:`TileGrid.mirrored`), from the last tile to the first. A shifted axis has one more
+A tiled scale is painted in two sweeps (core/engine/tiled.py), and each sweep (a *pass*)
+shifts its cuts so that they fall as far as possible from the last pass's cuts, so no seam
+stays in one place from sweep to sweep or from scale to scale. A shifted axis has one more
 core, none longer than the unshifted ones, so every tile still fits the budget.
 
 The geometry is pure Python (no torch): :func:`plan_grid` and :class:`TileGrid`.
@@ -97,10 +96,10 @@ class TileGrid:
         return max(t.pixels for t in self.tiles)
 
     def mirrored(self) -> TileGrid:
-        """The grid turned about the image's centre, so that it is painted from its last
-        tile (SWEEPS in core/engine/tiled.py says why); each tile's ramps then face its right
-        and bottom neighbours, which are painted before it. The cuts are the same where the
-        cores are equal, as in a grid not shifted."""
+        """The grid turned about the image's centre and painted from its last tile: the
+        tiles painted last are then the ones painted first before (see SWEEPS in
+        core/engine/tiled.py), and each tile's ramps face its right and bottom neighbours,
+        which are painted before it."""
         w, h = self.width, self.height
 
         def turn(t: Tile) -> Tile:
