@@ -113,32 +113,3 @@ def test_overlap_grows_with_the_tile() -> None:
     assert tiles.choose_overlap(100 * 100) == 32
     assert tiles.choose_overlap(1024 * 1024) == 128
     assert tiles.choose_overlap(1024 * 1024) % 16 == 0
-
-
-def test_a_mirrored_grid_is_painted_from_the_other_end() -> None:
-    """The second sweep of a tiled scale (core/engine/tiled.py) is a mirrored grid: the same
-    cover and partition, its first tile at the bottom right, and each tile ramped in over the
-    neighbours painted before it (right and below), not over the ones painted after it."""
-    grid = tiles.plan_grid(300, 200, 20_000, 16)
-    turned = grid.mirrored()
-    assert _coverage(turned) == [row[::-1] for row in _coverage(grid)[::-1]]
-    assert sum((r - x) * (b - y) for x, y, r, b in (t.core for t in turned.tiles)) == 300 * 200
-    first, last = turned.tiles[0], turned.tiles[-1]
-    assert (first.x + first.width, first.y + first.height) == (300, 200)
-    assert (last.x, last.y) == (0, 0)
-    assert turned.mirrored() == grid
-    for plain, tile in zip(grid.tiles, turned.tiles, strict=True):
-        wx, wy = tiles.feather(tile)
-        px, py = tiles.feather(plain)
-        assert (wx, wy) == (px[::-1], py[::-1])
-        if tile.feather_left:  # its right neighbour was painted first: ramp 0 at the right edge
-            assert wx[-1] == 0.0 and wx[0] == 1.0
-    for i, tile in enumerate(turned.tiles):  # each ramp lies over a tile painted before it
-        x, y = tile.x + tile.width - 1, tile.y + tile.height - 1  # its right and bottom edges
-        mid_x, mid_y = tile.x + tile.width // 2, tile.y + tile.height // 2
-        before = turned.tiles[:i]
-        if tile.feather_left:
-            assert any(o.x <= x < o.x + o.width and o.y <= mid_y < o.y + o.height for o in before)
-        if tile.feather_top:
-            assert any(o.y <= y < o.y + o.height and o.x <= mid_x < o.x + o.width for o in before)
-    assert turned.cuts_x == tuple(sorted(300 - c for c in grid.cuts_x))

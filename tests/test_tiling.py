@@ -32,7 +32,6 @@ HELD = 400_000_000
 SIZE = (160, 120)
 TILE_PIXELS = 12_000  # the largest window (tile + context) the budget holds
 ITERATIONS = 8
-SWEEP_ITERATIONS = ITERATIONS // 2  # per tile in each of the tiled scale's two sweeps
 
 
 def budget_for(settings: Settings, size: tuple[int, int], window_pixels: int) -> str:
@@ -42,17 +41,16 @@ def budget_for(settings: Settings, size: tuple[int, int], window_pixels: int) ->
     return f"{math.ceil((HELD + canvas + cost.extra(window_pixels)) / memory_model.SAFETY)}B"
 
 
-def scale_of(settings: Settings) -> engine.ScalePlan:
-    """The final scale with its tiles, as the engine plans it (the only tiled scale here)."""
+def grid_of(settings: Settings) -> tiles.TileGrid:
+    """The final scale's tiles, as the engine plans them (it is the only scale here)."""
     plan = MemoryPlan(
         parse_bytes(settings.max_memory), HELD,
         memory_model.scale_cost(settings.optimizer, "fp32", settings.lbfgs_history),
         memory_model.TARGETS["fp32"],
     )  # fmt: skip
     (scale,) = plan.tile([engine.ScalePlan(SIZE, ITERATIONS)])
-    assert scale.grid is not None and scale.second is not None
-    assert scale.iterations == SWEEP_ITERATIONS
-    return scale
+    assert scale.grid is not None
+    return scale.grid
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +90,7 @@ def runs(held, base: Settings, photo_png: bytes, style: Image.Image) -> dict:
     out["untiled"] = engine.stylize(photo_png, [style], base.replace(max_memory="1000GB"))
     tiled = base.replace(max_memory=budget_for(base, SIZE, TILE_PIXELS))
     out["tiled"] = engine.stylize(photo_png, [style], tiled, on_progress=out["events"].append)
-    out["scale"] = scale_of(tiled)
-    out["grid"] = out["scale"].grid
+    out["grid"] = grid_of(tiled)
     return out
 
 
@@ -108,7 +105,7 @@ def test_below_the_budget_nothing_changes(runs, base, photo_png, style) -> None:
 
 def test_tiled_and_untiled_runs_agree(runs, base, photo_png, style) -> None:
     untiled, tiled = runs["untiled"], runs["tiled"]
-    assert tiled.metadata["tiles"] == [1, 1, runs["scale"].tiles]
+    assert tiled.metadata["tiles"] == [1, 1, len(runs["grid"].tiles)]
     assert len(runs["grid"].tiles) >= 4
     assert tiled.image.size == untiled.image.size == SIZE
     assert tiled.image.mode == untiled.image.mode == "RGB"
@@ -153,31 +150,25 @@ def test_no_visible_seams(runs) -> None:
     the same ratio for the untiled one: the picture has its own edges near some seams (0.84
     measured here for the untiled painting), and a seam would add energy there (a step) or
     take it away (a blurred band) on top of them."""
-    for grid in runs["scale"].sweeps:  # the second sweep's seams, and the first's under it
-        assert grid.cuts_x or grid.cuts_y
-        ratio = seam_energy_ratio(runs["tiled"].image, grid)
-        reference = seam_energy_ratio(runs["untiled"].image, grid)
-        assert abs(ratio / reference - 1) <= 0.10, (ratio, reference)
-
-
-def test_the_sweeps_seams_are_apart(runs) -> None:
-    first, second = runs["scale"].sweeps
-    for a, b in ((first.cuts_x, second.cuts_x), (first.cuts_y, second.cuts_y)):
-        assert all(abs(x - y) >= first.overlap for x in a for y in b), (a, b)
+    grid = runs["grid"]
+    assert grid.cuts_x or grid.cuts_y
+    ratio = seam_energy_ratio(runs["tiled"].image, grid)
+    reference = seam_energy_ratio(runs["untiled"].image, grid)
+    assert abs(ratio / reference - 1) <= 0.10, (ratio, reference)
 
 
 def test_progress_counts_tile_steps(runs) -> None:
     events: list[Progress] = runs["events"]
-    n, per = runs["scale"].tiles, SWEEP_ITERATIONS  # tiles of both sweeps
-    total = 2 * ITERATIONS + n * per  # two whole scales, then n tiles
+    n = len(runs["grid"].tiles)
+    total = (2 + n) * ITERATIONS  # two whole scales, then n tiles
     assert [p.step for p in events] == list(range(1, total + 1))
     assert {p.total_steps for p in events} == {total}
     assert events[-1].percent == 100.0
     last = [p for p in events if p.scale == 3]
     assert {(p.tile, p.tiles) for p in events if p.scale < 3} == {(1, 1)}
-    assert [p.tile for p in last] == [k for k in range(1, n + 1) for _ in range(per)]
-    assert {p.tiles for p in last} == {n} and {p.iterations for p in last} == {n * per}
-    assert [p.iteration for p in last] == list(range(1, n * per + 1))
+    assert [p.tile for p in last] == [k for k in range(1, n + 1) for _ in range(ITERATIONS)]
+    assert {p.tiles for p in last} == {n} and {p.iterations for p in last} == {n * ITERATIONS}
+    assert [p.iteration for p in last] == list(range(1, n * ITERATIONS + 1))
     assert events[0].eta is None and all(p.eta is not None for p in events[1:])
     assert events[-1].eta == 0 and events[2].eta > events[-2].eta
     previews = [p.preview for p in events if p.preview is not None]
@@ -193,9 +184,9 @@ def test_cancel_mid_tile(held, base, photo_png, style) -> None:
         engine.stylize(
             photo_png, [style], settings, on_progress=seen.append,
             should_stop=lambda: bool(seen) and seen[-1].tile == 2 and seen[-1].iteration
-            == SWEEP_ITERATIONS + 2,
+            == ITERATIONS + 2,
         )  # fmt: skip
-    assert seen[-1].tile == 2 and seen[-1].iteration == SWEEP_ITERATIONS + 2
+    assert seen[-1].tile == 2 and seen[-1].iteration == ITERATIONS + 2
 
 
 def test_a_budget_too_small_for_any_tile_is_a_clear_error(held, base, photo_png, style) -> None:

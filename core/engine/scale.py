@@ -44,28 +44,20 @@ Grams = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class ScalePlan:
-    """One scale: its image size, its step budget (per tile and sweep when it is tiled) and
-    its tiles (None: the whole scale at once; see core/engine/tiled.py): ``grid`` for the
-    first sweep over the scale, ``second`` (seams shifted) for the second."""
+    """One scale: its image size, its step budget (per tile when it is tiled) and its tiles
+    (None: the whole scale at once; see core/engine/tiled.py)."""
 
     size: tuple[int, int]  # (width, height)
     iterations: int
     grid: TileGrid | None = None
-    second: TileGrid | None = None
 
     @property
     def pixels(self) -> int:
         return self.size[0] * self.size[1]
 
     @property
-    def sweeps(self) -> tuple[TileGrid, ...]:
-        """The tile grids painted one after the other (none when untiled)."""
-        return tuple(g for g in (self.grid, self.second) if g is not None)
-
-    @property
     def tiles(self) -> int:
-        """Tiles painted over all sweeps (1 when untiled)."""
-        return sum(len(g.tiles) for g in self.sweeps) or 1
+        return 1 if self.grid is None else len(self.grid.tiles)
 
     @property
     def steps(self) -> int:
@@ -75,7 +67,7 @@ class ScalePlan:
     @property
     def pixel_steps(self) -> int:
         """Pixels optimised over the scale's steps (overlaps counted for each tile)."""
-        return self.iterations * (sum(g.pixels for g in self.sweeps) or self.pixels)
+        return self.iterations * (self.pixels if self.grid is None else self.grid.pixels)
 
 
 @dataclass

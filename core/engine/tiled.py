@@ -42,17 +42,6 @@ from core.settings import Settings
 
 MIN_TILE_SIDE = 64
 """Smaller tiles would be mostly overlap; a budget that cannot hold one is refused."""
-SWEEPS = 2
-"""Sweeps over a tiled scale, each with half the scale's steps per tile; the second sweep's
-seams are shifted away from the first's, and it is painted from the other end (a mirrored
-grid, tiles.TileGrid.mirrored). Tiles move their Gram matrices by 25-100 % of what they are
-asked (measured by tile), and a sweep hands each tile's shortfall on to the tiles after it
-(:func:`paint_tiled`), so its last tiles get the most texture. Measured on a 1024 px
-painting whose last scale was tiled (docs/BENCHMARKS.md, "Print sizes"): one sweep left the
-whole's style loss at 1.66x the untiled painting's and went from 0.85x its fine detail in
-the first tiles to 1.72x in the last; two sweeps in the same order matched its style loss
-but not the detail (0.84x-1.67x); with the second painted from the other end, style loss
-0.96x and detail 0.94x-1.43x with no trend."""
 MIN_MARGIN = 16
 """The least overlap between tiles, and context around them (pixels; VGG19's deepest stride).
 Print-size tiles get an eighth of their side (tiles.choose_overlap)."""
@@ -115,23 +104,11 @@ class MemoryPlan:
             if tile_pixels < MIN_TILE_SIDE**2:
                 raise self._too_small(scale)
             overlap = tiles.choose_overlap(tile_pixels, minimum=MIN_MARGIN)
-            sweeps: list[tiles.TileGrid] = []
-            for k in range(SWEEPS if scale.iterations >= SWEEPS else 1):
-                turned = k % 2 == 1  # painted from the other end (SWEEPS says why)
-                last = previous.mirrored() if turned and previous is not None else previous
-                grid = tiles.plan_grid(w, h, tile_pixels, overlap, last)
-                sweeps.append(replace(grid.mirrored() if turned else grid, context=context))
-                previous = sweeps[-1]
-            out.append(
-                replace(
-                    scale,
-                    iterations=math.ceil(scale.iterations / len(sweeps)),
-                    grid=sweeps[0],
-                    second=sweeps[1] if len(sweeps) > 1 else None,
-                )
-            )
-            window = max(g.largest_window for g in sweeps)
-            self.predicted.append(self.held + canvas + self.cost.extra(window))
+            grid = tiles.plan_grid(w, h, tile_pixels, overlap, previous)
+            grid = replace(grid, context=context)
+            out.append(replace(scale, grid=grid))
+            self.predicted.append(self.held + canvas + self.cost.extra(grid.largest_window))
+            previous = grid
         return out
 
     def target_pixels(self, scale: tuple[int, int], style: tuple[int, int]) -> int | None:
@@ -240,84 +217,60 @@ def paint_tiled(
     targets: Iterable[tuple[Grams, float]],
     face_mask: torch.Tensor | None = None,
 ) -> ScaleResult:
-    """Scale ``index`` of ``clock.scales`` (which has tiles) painted tile by tile onto
-    ``canvas`` (its start image, changed in place), in one sweep per grid (SWEEPS); ``photo``
-    is the photo at the scale's size; ``face_mask`` (the scale's, see run.py) is cut to each
-    tile's window.
+    """Scale ``index`` of ``clock.scales`` (which has a grid) painted tile by tile onto
+    ``canvas`` (its start image, changed in place); ``photo`` is the photo at the scale's
+    size; ``face_mask`` (the scale's, see run.py) is cut to each tile's window.
 
-    Style: the whole image's Gram matrix is the area-weighted sum of its cores' (a grid's
-    cores partition its positions; :func:`_core_grams`), so each tile is optimised towards its
-    own Gram moved by its part of the whole's distance to the style (:func:`_tile_target`):
-    the whole's style loss is what the untiled painting minimises. Matching every tile to the
-    style itself asks each part for the statistics of the whole, which left the whole far from
-    them (tests/test_tiling.py); letting each tile make up for all of the whole's distance gave
-    the first tiles far more texture than the later ones. The losses reported are the last
-    sweep's content and TV terms weighted by their cores' areas, and the whole image's style
-    loss.
+    Style: the whole image's Gram matrix is the area-weighted sum of its cores' (tiles
+    partition its positions; :func:`_core_grams`), so each tile is optimised towards its own
+    Gram moved by its part of the whole's distance to the style (:func:`_tile_target`): the
+    whole's style loss is what the untiled painting minimises. Matching every tile to the style
+    itself asks each part for the statistics of the whole, which left the whole far from them
+    (tests/test_tiling.py); letting each tile make up for all of the whole's distance gave the
+    first tiles far more texture than the later ones. The losses reported are the tiles'
+    content and TV terms weighted by their cores' areas, and the whole image's style loss.
     """
-    scale = clock.scales[index]
+    grid = clock.scales[index].grid
+    assert grid is not None
     targets = list(targets)
-    remaining = sum(g.pixels for g in scale.sweeps)
-    steps, restored, count = 0, False, 0
+    whole = _core_grams(fwd, plan, canvas, grid, grid.tiles)  # the image's Grams, kept current
+    rest = 1.0  # the share of the image still to paint
     totals: dict[str, float] = {}
-    for grid in scale.sweeps:
-        whole = _core_grams(fwd, plan, canvas, grid, grid.tiles)  # the image's, kept current
-        rest = 1.0  # the share of the image still to paint in this sweep
-        totals = {}
-        for tile in grid.tiles:
-            remaining -= tile.pixels
-            clock.begin_tile(TileStep(count, tile.pixels, remaining, composer(canvas, tile)))
-            count += 1
-            share = _share(grid, tile)
-            before = _core_grams(fwd, plan, canvas, grid, (tile,))
-            mine = [(_tile_target(g, whole, before, share, rest), w) for g, w in targets]
-            done = _paint_tile(s, plan, fwd, index, clock, should_stop, canvas, photo,
-                               content_prep, grid, tile, mine, face_mask)  # fmt: skip
-            after = _core_grams(fwd, plan, canvas, grid, (tile,))
-            whole = {n: whole[n] + after[n] - before[n] for n in whole}
-            rest -= share
-            for name, value in done.losses.items():
-                totals[name] = totals.get(name, 0.0) + value * share
-            steps, restored = steps + done.steps, restored or done.restored_best
-            del done, after, before, mine
+    steps, restored = 0, False
+    remaining = grid.pixels
+    for k, tile in enumerate(grid.tiles):
+        remaining -= tile.pixels
+        clock.begin_tile(TileStep(k, tile.pixels, remaining, composer(canvas, tile)))
+        box = grid.window(tile)
+        share = _share(grid, tile)
+        before = _core_grams(fwd, plan, canvas, grid, (tile,))
+        mine = [(_tile_target(g, whole, before, share, rest), w) for g, w in targets]
+        content_t = content_prep(to_tensor(photo.crop(box), canvas.device))
+        mask = None if face_mask is None else _cut(face_mask, box)
+        objective = build_objective(s, plan, fwd, content_t, mine, mask)
+        del content_t, mine
+        embed, core = _embedding(canvas, tile, box)
+        guide = GramGuide(core if mask is None else core * face_guide(s, mask).weights)
+        region = canvas[:, :, tile.y : tile.y + tile.height, tile.x : tile.x + tile.width]
+        leaf = region.clone().requires_grad_(True)
+        memory.release()
+        done = optimise_scale(
+            s, fwd, plan, objective, leaf, index, clock, should_stop, guide, embed
+        )
+        blend(canvas, tile, done.image)
+        after = _core_grams(fwd, plan, canvas, grid, (tile,))
+        whole = {n: whole[n] + after[n] - before[n] for n in whole}
+        rest -= share
+        for name, value in done.losses.items():
+            totals[name] = totals.get(name, 0.0) + value * share
+        steps, restored = steps + done.steps, restored or done.restored_best
+        del objective, leaf, done, mask, guide, embed, core, after, before
     clock.end_tiles()
     if "style" in totals:  # the whole image's, from its Grams (the tiles' are per tile)
         style = _style_loss(s, plan, targets, whole)
         totals["total"] += style - totals["style"]
         totals["style"] = style
     return ScaleResult(canvas, totals, steps, restored)
-
-
-def _paint_tile(
-    s: Settings,
-    plan: LayerPlan,
-    fwd: Forward,
-    index: int,
-    clock: ProgressClock,
-    should_stop: Callable[[], bool] | None,
-    canvas: torch.Tensor,
-    photo: Image.Image,
-    content_prep: Callable[[torch.Tensor], torch.Tensor],
-    grid: tiles.TileGrid,
-    tile: tiles.Tile,
-    targets: list[tuple[Grams, float]],
-    face_mask: torch.Tensor | None,
-) -> ScaleResult:
-    """One tile optimised towards ``targets`` (its core's Gram targets) in its window, and
-    blended into the canvas."""
-    box = grid.window(tile)
-    content_t = content_prep(to_tensor(photo.crop(box), canvas.device))
-    mask = None if face_mask is None else _cut(face_mask, box)
-    objective = build_objective(s, plan, fwd, content_t, targets, mask)
-    del content_t
-    embed, core = _embedding(canvas, tile, box)
-    guide = GramGuide(core if mask is None else core * face_guide(s, mask).weights)
-    region = canvas[:, :, tile.y : tile.y + tile.height, tile.x : tile.x + tile.width]
-    leaf = region.clone().requires_grad_(True)
-    memory.release()
-    done = optimise_scale(s, fwd, plan, objective, leaf, index, clock, should_stop, guide, embed)
-    blend(canvas, tile, done.image)
-    return done
 
 
 def _style_loss(
@@ -331,10 +284,9 @@ def _style_loss(
 def _tile_target(target: Grams, whole: Grams, mine: Grams, share: float, rest: float) -> Grams:
     """The Gram target of the next tile's core (``mine``: its share times its Gram now): its
     own Gram moved by the whole image's distance to the style's, over the ``rest`` of the image
-    still to paint in this sweep. If this tile and each after it move so, the whole moves by
-    all of it (the whole's Gram is the share-weighted sum of the cores'), each part by the
-    same amount, as in the untiled painting; what a tile falls short of is shared by the tiles
-    after it."""
+    still to paint. If this tile and each after it move so, the whole moves by all of it (the
+    whole's Gram is the share-weighted sum of the cores'), each part by the same amount, as
+    in the untiled painting; what a tile falls short of is shared by the tiles after it."""
     rest = max(rest, share)
     return {n: mine[n] / share + (target[n] - whole[n]) / rest for n in target}
 

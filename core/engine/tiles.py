@@ -12,9 +12,8 @@ with a raised-cosine ramp across the overlap on the sides whose neighbour is alr
 view, and 1 where the tile's own interior begins. Sides whose neighbour comes later are written
 in full, and that neighbour blends over them.
 
-A tiled scale is painted in two sweeps (core/engine/tiled.py), and each sweep (a *pass*)
-shifts its cuts so that they fall as far as possible from the last pass's cuts, so no seam
-stays in one place from sweep to sweep or from scale to scale. A shifted axis has one more
+Each tiled scale (a *pass*) shifts its cuts so that they fall as far as possible from the last
+pass's cuts, so no seam stays in one place from scale to scale. A shifted axis has one more
 core, none longer than the unshifted ones, so every tile still fits the budget.
 
 The geometry is pure Python (no torch): :func:`plan_grid` and :class:`TileGrid`.
@@ -24,7 +23,7 @@ The geometry is pure Python (no torch): :func:`plan_grid` and :class:`TileGrid`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 SHIFTS: tuple[float, ...] = (0.0, 0.5, 0.25, 0.75, 0.375, 0.625)
 """Candidate offsets of a pass's cuts, in cores; the first core is never under a quarter core."""
@@ -42,7 +41,6 @@ class Tile:
     feather_top: int
     core: tuple[int, int, int, int] = (0, 0, 0, 0)  # (left, top, right, bottom): the tile
     # less its overlaps; the cores of a grid partition the image
-    mirrored: bool = False  # the ramps face right and bottom (a grid painted from the end)
 
     @property
     def pixels(self) -> int:
@@ -94,27 +92,6 @@ class TileGrid:
     @property
     def largest(self) -> int:
         return max(t.pixels for t in self.tiles)
-
-    def mirrored(self) -> TileGrid:
-        """The grid turned about the image's centre and painted from its last tile: the
-        tiles painted last are then the ones painted first before (see SWEEPS in
-        core/engine/tiled.py), and each tile's ramps face its right and bottom neighbours,
-        which are painted before it."""
-        w, h = self.width, self.height
-
-        def turn(t: Tile) -> Tile:
-            x0, y0, x1, y1 = t.core
-            return replace(
-                t, x=w - t.x - t.width, y=h - t.y - t.height,
-                core=(w - x1, h - y1, w - x0, h - y0), mirrored=not t.mirrored,
-            )  # fmt: skip
-
-        return replace(
-            self,
-            tiles=tuple(turn(t) for t in self.tiles),
-            cuts_x=tuple(sorted(w - c for c in self.cuts_x)),
-            cuts_y=tuple(sorted(h - c for c in self.cuts_y)),
-        )
 
     def relative_cuts(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         """Seams as fractions of each axis (passes at other scales compare these)."""
@@ -243,9 +220,9 @@ def feather(tile: Tile) -> tuple[list[float], list[float]]:
     sides of an overlap already agree near its middle; a ramp across all of it averaged two
     brush textures over a wider band and measurably flattened them there."""
     left, top = tile.feather_left, tile.feather_top
-    wx = ramp(left - left // 2, tile.width, left // 4)
-    wy = ramp(top - top // 2, tile.height, top // 4)
-    return (wx[::-1], wy[::-1]) if tile.mirrored else (wx, wy)
+    return ramp(left - left // 2, tile.width, left // 4), ramp(
+        top - top // 2, tile.height, top // 4
+    )
 
 
 def choose_overlap(max_pixels: int, minimum: int = 32, share: float = 0.125) -> int:
