@@ -78,10 +78,10 @@ class _GuidedGram(torch.autograd.Function):
 
     Same layout and precision rules as ``_Gram``; the weighted copy of the activation is a
     transient of the forward pass only, so only the activation itself, which the network keeps
-    anyway, is saved. The forward weights both factors by ``sqrt(w)``
-    (the weights are non-negative), so its one float32 copy of the activation is also the
-    weighted one: no more transient memory than ``_Gram`` (a second 64 MB copy at conv1_1 for a
-    512 px image otherwise).
+    anyway, is saved. The forward weights both factors by ``sqrt(w)`` (the weights are
+    non-negative), so its one float32 copy of the activation is also the weighted one: no more
+    transient memory than ``_Gram`` (a second 64 MB copy at conv1_1 for a 512 px image
+    otherwise).
     """
 
     @staticmethod
