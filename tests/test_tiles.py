@@ -91,8 +91,9 @@ def test_passes_move_the_seams() -> None:
     second = tiles.plan_grid(1000, 750, 200_000, 64, previous=first)
     assert first.cuts_x and first.cuts_y
     (fx, fy), (sx, sy) = first.relative_cuts(), second.relative_cuts()
-    assert min(abs(a - b) for a in fx for b in sx) >= 0.1
-    assert min(abs(a - b) for a in fy for b in sy) >= 0.1
+    # At least an overlap apart: the two passes' ramps (the overlap's middle half) never meet.
+    assert min(abs(a - b) for a in fx for b in sx) * 1000 >= 64
+    assert min(abs(a - b) for a in fy for b in sy) * 750 >= 64
     # Across scales (another size, the same picture) the relative positions still move.
     third = tiles.plan_grid(1414, 1060, 200_000, 64, previous=second)
     tx, _ = third.relative_cuts()
@@ -113,3 +114,24 @@ def test_overlap_grows_with_the_tile() -> None:
     assert tiles.choose_overlap(100 * 100) == 32
     assert tiles.choose_overlap(1024 * 1024) == 128
     assert tiles.choose_overlap(1024 * 1024) % 16 == 0
+
+
+def test_windows_with_context_fit_and_the_grid_is_the_cheapest() -> None:
+    # The 1024x768 scale of a 1024 px run with --max-memory 1.5GB (windows of 339k pixels,
+    # context 72, overlap 48): planning tiles for the tile's size alone (the window less its
+    # context on both sides, as a square) cut it into 4 x 2 tiles, 1.95x the scale's pixels
+    # per step; with the real windows it fits 2 x 2, 1.49x.
+    budget, overlap, context = 339_000, 48, 72
+    grid = tiles.plan_grid(1024, 768, budget, overlap, context=context)
+    windows = [grid.window(t) for t in grid.tiles]
+    assert len(grid.tiles) == 4
+    assert max((r - x) * (b - y) for x, y, r, b in windows) <= budget
+    assert sum((r - x) * (b - y) for x, y, r, b in windows) < 1.5 * 1024 * 768
+    # The next pass (here: the previous scale, cut in two columns) moves its cuts an overlap
+    # away and keeps four tiles, still within the budget.
+    previous = tiles.plan_grid(724, 543, 300_000, overlap, context=context)
+    assert len(previous.cuts_x) == 1 and not previous.cuts_y
+    moved = tiles.plan_grid(1024, 768, budget, overlap, previous, context=context)
+    assert len(moved.tiles) == 4
+    assert min(abs(c - previous.cuts_x[0] / 724 * 1024) for c in moved.cuts_x) >= overlap
+    assert moved.largest_window <= budget

@@ -104,8 +104,10 @@ class MemoryPlan:
             if tile_pixels < MIN_TILE_SIDE**2:
                 raise self._too_small(scale)
             overlap = tiles.choose_overlap(tile_pixels, minimum=MIN_MARGIN)
-            grid = tiles.plan_grid(w, h, tile_pixels, overlap, previous)
-            grid = replace(grid, context=context)
+            try:
+                grid = tiles.plan_grid(w, h, max_pixels, overlap, previous, context=context)
+            except ValueError:
+                raise self._too_small(scale) from None
             out.append(replace(scale, grid=grid))
             self.predicted.append(self.held + canvas + self.cost.extra(grid.largest_window))
             previous = grid

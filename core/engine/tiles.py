@@ -12,9 +12,13 @@ with a raised-cosine ramp across the overlap on the sides whose neighbour is alr
 view, and 1 where the tile's own interior begins. Sides whose neighbour comes later are written
 in full, and that neighbour blends over them.
 
-Each tiled scale (a *pass*) shifts its cuts so that they fall as far as possible from the last
-pass's cuts, so no seam stays in one place from scale to scale. A shifted axis has one more
-core, none longer than the unshifted ones, so every tile still fits the budget.
+A tile is optimised with ``context`` pixels of fixed image around it (TileGrid.window), so the
+pixels per step of a tiled scale are its windows' areas: the grid is chosen to make their sum
+the smallest whose largest window fits the budget (fewer, larger tiles: each cut adds the
+overlap and twice the context to its axis). Each tiled scale (a *pass*) moves its cuts at
+least an overlap away from the last pass's, so no seam stays in one place from scale to scale:
+by moving every cut of an axis (a longer first core, a shorter last), or where no such grid
+fits, by one more, shifted row or column of cores.
 
 The geometry is pure Python (no torch): :func:`plan_grid` and :class:`TileGrid`.
 :func:`feather` builds a tile's blending weights.
@@ -26,7 +30,10 @@ import math
 from dataclasses import dataclass
 
 SHIFTS: tuple[float, ...] = (0.0, 0.5, 0.25, 0.75, 0.375, 0.625)
-"""Candidate offsets of a pass's cuts, in cores; the first core is never under a quarter core."""
+"""Shifts of a pass's cuts that add a core (shorter first and last cores), in cores."""
+OFFSETS: tuple[float, ...] = tuple(k / 16 for k in (1, -1, 2, -2, 3, -3, 4, -4, 5, -5, 6, -6))
+"""Shifts of a pass's cuts that keep its cores (longer first core, shorter last, or the
+reverse), in cores: cheaper than SHIFTS, which add a row or column of tiles."""
 
 
 @dataclass(frozen=True)
@@ -107,9 +114,20 @@ def cuts_for(length: int, count: int, shift: float, align: int = 1) -> tuple[int
     Unshifted: ``count - 1`` cuts; shifted: ``count`` cuts (one more, shorter first and last
     core). Positions are rounded to multiples of ``align``."""
     step = length / count
+    return _aligned([(i + shift) * step for i in range(count + 1)], length, align)
+
+
+def offset_cuts(length: int, count: int, offset: float, align: int = 1) -> tuple[int, ...]:
+    """The ``count - 1`` cuts of ``count`` equal cores, all moved by ``offset`` cores
+    (-1 < offset < 1): the first core grows by that much and the last shrinks, or the reverse."""
+    step = length / count
+    return _aligned([(i + offset) * step for i in range(1, count)], length, align)
+
+
+def _aligned(positions: list[float], length: int, align: int) -> tuple[int, ...]:
     cuts: list[int] = []
-    for i in range(count + 1):
-        pos = int(round((i + shift) * step / align)) * align
+    for p in positions:
+        pos = int(round(p / align)) * align
         if 0 < pos < length and (not cuts or pos > cuts[-1]):
             cuts.append(pos)
     return tuple(cuts)
@@ -127,49 +145,70 @@ def spans(length: int, cuts: tuple[int, ...], half: int) -> list[tuple[int, int,
     return out
 
 
+@dataclass(frozen=True)
+class _Axis:
+    """One axis cut at ``cuts``: its longest window and the sum of its windows' lengths (the
+    grid's largest window and its pixels per step are products of the two axes')."""
+
+    cuts: tuple[int, ...]
+    longest: int
+    total: int
+
+    @classmethod
+    def of(cls, length: int, cuts: tuple[int, ...], half: int, context: int) -> _Axis:
+        windows = [
+            min(length, end + context) - max(0, start - context)
+            for start, end, *_ in spans(length, cuts, half)
+        ]
+        return cls(cuts, max(windows), sum(windows))
+
+    def distance(self, previous: tuple[float, ...], length: int) -> float:
+        """Pixels between these cuts and the nearest of ``previous`` (fractions of the axis)."""
+        if not self.cuts or not previous:
+            return math.inf
+        return min(abs(c - p * length) for c in self.cuts for p in previous)
+
+
 def _cores_ok(length: int, cuts: tuple[int, ...], shortest: int) -> bool:
     bounds = (0, *cuts, length)
     return all(b - a >= shortest for a, b in zip(bounds, bounds[1:], strict=False))
 
 
-def _best_shift(
-    length: int, count: int, previous: tuple[float, ...], overlap: int, align: int
-) -> tuple[int, ...]:
-    """The cuts, among SHIFTS, farthest from ``previous`` (fractions of the axis), with no core
-    shorter than the overlap."""
-    plain = cuts_for(length, count, 0.0, align)
-    if count == 1 or not previous:
-        return plain
-    best: tuple[float, tuple[int, ...]] = (-1.0, plain)
-    for shift in SHIFTS:
-        cuts = cuts_for(length, count, shift, align)
-        if not _cores_ok(length, cuts, max(overlap, 1)):
-            continue
-        distance = min(abs(c / length - p) for c in cuts for p in previous)
-        if distance > best[0] + 1e-9:
-            best = (distance, cuts)
-    return best[1]
+def _candidates(length: int, count: int, half: int, context: int, align: int) -> list[_Axis]:
+    """An axis in ``count`` cores: unshifted first, then its cuts moved by each of OFFSETS,
+    then the shifted grids of SHIFTS (one more core); none with a core shorter than the
+    overlap."""
+    sets = [cuts_for(length, count, 0.0, align)]
+    if count > 1:
+        sets += [offset_cuts(length, count, o, align) for o in OFFSETS]
+        sets += [cuts_for(length, count, s, align) for s in SHIFTS[1:]]
+    unique = dict.fromkeys(c for c in sets if _cores_ok(length, c, max(2 * half, 1)))
+    return [_Axis.of(length, cuts, half, context) for cuts in unique]
 
 
-def _counts(width: int, height: int, max_pixels: int, overlap: int, align: int) -> tuple[int, int]:
-    """Cores per axis: the fewest pixels per step (overlaps included) whose largest tile, grown
-    by the overlap, stays within ``max_pixels``."""
+def _counts(
+    width: int, height: int, max_pixels: int, half: int, context: int, align: int
+) -> tuple[int, int]:
+    """Cores per axis: the fewest pixels per step over all windows (overlaps and context
+    included) whose unshifted grid's largest window fits in ``max_pixels``."""
 
-    def side(length: int, n: int) -> int:  # the longest tile along an axis cut into n cores
-        return length if n == 1 else math.ceil(length / n) + align + overlap
+    def axes(length: int) -> list[tuple[int, _Axis]]:
+        counts = range(1, max(1, length // max(1, 2 * half)) + 1)
+        return [
+            (n, _Axis.of(length, cuts_for(length, n, 0.0, align), half, context)) for n in counts
+        ]
 
-    best: tuple[int, int, int] | None = None
-    for nx in range(1, max(1, width // max(1, overlap)) + 1):
-        room = max_pixels // side(width, nx)
-        for ny in range(1, max(1, height // max(1, overlap)) + 1):
-            if side(height, ny) <= room:
-                cost = (width + nx * overlap) * (height + ny * overlap)
-                if best is None or (cost, nx * ny) < (best[0], best[1] * best[2]):
-                    best = (cost, nx, ny)
-                break
+    best: tuple[int, int, int, int] | None = None
+    rows = axes(height)
+    for nx, ax in axes(width):
+        for ny, ay in rows:
+            if ax.longest * ay.longest <= max_pixels:
+                key = (ax.total * ay.total, nx * ny, nx, ny)
+                best = key if best is None or key < best else best
+                break  # more rows only cost more
     if best is None:
-        raise ValueError(f"no grid of {width}x{height} fits tiles of {max_pixels} pixels")
-    return best[1], best[2]
+        raise ValueError(f"no grid of {width}x{height} fits windows of {max_pixels} pixels")
+    return best[2], best[3]
 
 
 def plan_grid(
@@ -179,28 +218,41 @@ def plan_grid(
     overlap: int,
     previous: TileGrid | None = None,
     align: int = 1,
+    context: int = 0,
 ) -> TileGrid:
-    """Tiles covering ``width`` x ``height``, none over ``max_pixels`` pixels, neighbours
-    sharing ``overlap`` pixels (rounded down to an even number), cuts shifted away from
-    ``previous``'s (relative positions, so the previous pass may be another scale).
+    """Tiles covering ``width`` x ``height``, neighbours sharing ``overlap`` pixels (rounded
+    down to an even number), no tile's window (the tile grown by ``context``, within the image:
+    TileGrid.window) over ``max_pixels`` pixels, and the fewest pixels per step over all
+    windows, the measure of a tiled scale's time.
 
-    The counts are chosen for the worst case (a shifted axis, whose cores are at most as long
-    as unshifted ones, each tile grown by the whole overlap), so any shift fits.
-    Raises ValueError when not even the smallest grid fits."""
+    When ``previous`` (another pass, maybe at another scale: positions are compared as
+    fractions) has cuts, the cheapest grid whose cuts are at least ``overlap`` pixels from
+    them is taken (apart, the two passes' ramps do not fall on each other), else the one
+    farthest from them. Raises ValueError when not even the smallest grid fits."""
     half = overlap // 2
     if width * height <= max_pixels:
         whole = Tile(0, 0, width, height, 0, 0, (0, 0, width, height))
-        return TileGrid(width, height, (whole,), (), (), 2 * half)
-    nx, ny = _counts(width, height, max_pixels, 2 * half, align)
+        return TileGrid(width, height, (whole,), (), (), 2 * half, context)
+    nx, ny = _counts(width, height, max_pixels, half, context, align)
     prev_x, prev_y = previous.relative_cuts() if previous is not None else ((), ())
-    cuts_x = _best_shift(width, nx, prev_x, 2 * half, align)
-    cuts_y = _best_shift(height, ny, prev_y, 2 * half, align)
+    best: tuple[tuple[float, int, int], _Axis, _Axis] | None = None
+    for ax in _candidates(width, nx, half, context, align):
+        apart_x = ax.distance(prev_x, width)
+        for ay in _candidates(height, ny, half, context, align):
+            if ax.longest * ay.longest > max_pixels:
+                continue
+            apart = min(apart_x, ay.distance(prev_y, height), 2 * half)
+            key = (apart, -ax.total * ay.total, -ax.longest * ay.longest)
+            if best is None or key > best[0]:
+                best = (key, ax, ay)
+    assert best is not None  # the unshifted grid fits (_counts)
+    _, ax, ay = best
     tiles = tuple(
         Tile(x0, y0, x1 - x0, y1 - y0, ramp_x, ramp_y, (cx0, cy0, cx1, cy1))
-        for y0, y1, ramp_y, cy0, cy1 in spans(height, cuts_y, half)
-        for x0, x1, ramp_x, cx0, cx1 in spans(width, cuts_x, half)
+        for y0, y1, ramp_y, cy0, cy1 in spans(height, ay.cuts, half)
+        for x0, x1, ramp_x, cx0, cx1 in spans(width, ax.cuts, half)
     )
-    return TileGrid(width, height, tiles, cuts_x, cuts_y, 2 * half)
+    return TileGrid(width, height, tiles, ax.cuts, ay.cuts, 2 * half, context)
 
 
 def ramp(width: int, length: int, lead: int = 0) -> list[float]:
