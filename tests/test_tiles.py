@@ -79,10 +79,10 @@ def test_ramp_is_a_smooth_rise_from_zero_to_one() -> None:
     fade_in = weights[:8]
     fade_out = fade_in[::-1]
     assert all(abs(w + v - 1) < 1e-12 for w, v in zip(fade_in, fade_out, strict=True))
-    # Across an overlap the ramp takes its middle half (0 before it, 1 after).
+    # Across an overlap the ramp rises over all of it (1 after).
     tile = tiles.Tile(0, 0, 40, 40, 16, 0)
     wx, wy = tiles.feather(tile)
-    assert wx[:4] == [0.0] * 4 and wx[4:12] == tiles.ramp(8, 8) and wx[12:] == [1.0] * 28
+    assert wx[:16] == tiles.ramp(16, 16) and wx[16:] == [1.0] * 24
     assert wy == [1.0] * 40
 
 
@@ -103,6 +103,18 @@ def test_passes_move_the_seams() -> None:
 def test_cuts_are_aligned_when_asked() -> None:
     grid = tiles.plan_grid(1000, 700, 100_000, 64, align=16)
     assert all(c % 16 == 0 for c in (*grid.cuts_x, *grid.cuts_y))
+
+
+def test_aligned_cuts_never_make_a_sliver_at_the_image_edge() -> None:
+    # 533 is not a multiple of 16: the image's own edge, rounded to 528, used to be taken for a
+    # cut, leaving a 5 px core (and, once such cores were refused, no grid at all).
+    assert tiles.cuts_for(533, 1, 0.0, align=16) == ()
+    assert tiles.cuts_for(533, 2, 0.0, align=16) == (272,)
+    for width in range(600, 1300, 37):
+        grid = tiles.plan_grid(width, width * 3 // 4, 300_000, 128, align=16)
+        for axis, length in ((grid.cuts_x, grid.width), (grid.cuts_y, grid.height)):
+            bounds = (0, *axis, length)
+            assert min(b - a for a, b in zip(bounds, bounds[1:], strict=False)) >= 64
 
 
 def test_an_impossible_budget_is_a_value_error() -> None:

@@ -226,3 +226,22 @@ def test_a_large_run_stays_under_its_budget(tmp_path: Path) -> None:
     peak = proc.peak_bytes  # the CLI's own peak, not pytest's (see benchmarks/peak.py)
     assert peak <= 1.3e9, f"peak RSS {peak / 1e6:.0f} MB over the 1.3 GB budget ({meta})"
     assert Image.open(out).size == (640, 480)
+
+
+def test_tile_context_stops_at_the_networks_reach() -> None:
+    # Receptive fields as published for VGG (conv4_2 84 px, conv5_1 156 px): a position's
+    # features see 78 px around it at most, so more context only costs time.
+    vgg = backbones.VGG19
+    assert vgg.fields[vgg.names.index("relu4_2")] == 84
+    assert vgg.fields[vgg.names.index("relu5_1")] == 156
+    assert vgg.reach((*vgg.content_layers, *vgg.style_layers)) == 78
+    cost = memory_model.scale_cost("lbfgs", "bf16")
+
+    def context(reach: int | None) -> int:
+        plan = MemoryPlan(parse_bytes("3GB"), HELD, cost, memory_model.TARGETS["bf16"], reach)
+        (scale,) = plan.tile([engine.ScalePlan((4096, 3072), ITERATIONS)])
+        assert scale.grid is not None
+        return scale.grid.context
+
+    assert context(None) > 80  # an eighth of a print-size window's side
+    assert context(78) == 80  # the reach, rounded up to the deepest layer's stride

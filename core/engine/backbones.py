@@ -38,6 +38,33 @@ class Architecture:
     style_layers: tuple[str, ...]
     style_weights: tuple[float, ...]
     min_side: int  # smallest input side that reaches the deepest default layer
+    fields: tuple[int, ...] = ()
+    """Receptive field of each layer of ``names``, in input pixels (from :func:`fields_of`)."""
+
+    def reach(self, layers: Iterable[str]) -> int:
+        """How far from a position the deepest of ``layers`` sees: half its receptive field.
+        Tiles (core/engine/tiled.py) need no more context than this around them."""
+        return max((self.fields[self.names.index(n)] for n in layers), default=0) // 2
+
+
+def fields_of(specs: Iterable[tuple[int, int]]) -> tuple[int, ...]:
+    """Receptive fields of layers given as (kernel, stride) in order: each widens the field
+    by ``kernel - 1`` steps of its input's spacing, and multiplies that spacing by its stride."""
+    out: list[int] = []
+    field, spacing = 1, 1
+    for kernel, stride in specs:
+        field += (kernel - 1) * spacing
+        spacing *= stride
+        out.append(field)
+    return tuple(out)
+
+
+def _vgg19_specs() -> list[tuple[int, int]]:
+    """(kernel, stride) per name of :func:`_vgg19_names`: conv 3/1, its ReLU 1/1, pool 2/2."""
+    specs: list[tuple[int, int]] = []
+    for v in _VGG19_CFG:
+        specs += [(2, 2)] if v == "M" else [(3, 1), (1, 1)]
+    return specs
 
 
 def _vgg19_names() -> tuple[str, ...]:
@@ -62,6 +89,7 @@ VGG19 = Architecture(
     style_layers=("relu1_1", "relu2_1", "relu3_1", "relu4_1", "relu5_1"),
     style_weights=(256.0, 64.0, 16.0, 4.0, 1.0),
     min_side=16,
+    fields=fields_of(_vgg19_specs()),
 )
 
 SQUEEZENET = Architecture(
@@ -74,6 +102,9 @@ SQUEEZENET = Architecture(
     style_layers=("relu1", "fire3", "fire4", "fire5"),
     style_weights=(64.0, 16.0, 4.0, 1.0),
     min_side=32,
+    # conv1 3/2, relu1, pool1 3/2, fire2-3 (3x3 expand), pool3 3/2, fire4-5, pool5, fire6-9
+    fields=fields_of([(3, 2), (1, 1), (3, 2), (3, 1), (3, 1), (3, 2), (3, 1), (3, 1), (3, 2)]
+                     + [(3, 1)] * 4),
 )  # fmt: skip
 
 

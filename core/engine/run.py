@@ -291,7 +291,8 @@ class _Run:
         self.styles = self._styles()
         self.blend_total = sum(w for _, w in self.styles)
         # Measured after the model and the inputs are in memory: what the scales may add.
-        self.memory = MemoryPlan.for_run(s, self.device, self.dtype)
+        reach = self.plan.arch.reach(self.plan.layers)
+        self.memory = MemoryPlan.for_run(s, self.device, self.dtype, reach)
         self.scales = self.memory.tile(scales)
         self.clock = ProgressClock(
             self.scales, self.started, s.preview_every, on_progress,
@@ -409,6 +410,7 @@ class _Run:
     ) -> ScaleResult:
         """A scale over the memory budget, painted in tiles (core/engine/tiled.py)."""
         targets = list(self._style_targets(scale.size))
+        memory.release()  # the targets' freed blocks, before the canvas and the tiles
         canvas = start_canvas(
             scale.size,
             previous.pop(),

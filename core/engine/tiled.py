@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +44,14 @@ from core.settings import Settings
 MIN_TILE_SIDE = 64
 """Smaller tiles would be mostly overlap; a budget that cannot hold one is refused."""
 MIN_MARGIN = 16
-"""The least overlap between tiles, and context around them (pixels; VGG19's deepest stride).
-Print-size tiles get an eighth of their side (tiles.choose_overlap)."""
+"""The least overlap between tiles, and context around them (pixels; VGG19's deepest stride)."""
+OVERLAP_SHARE = 1 / 16
+"""Overlap between neighbouring tiles, as a share of a tile's side: the width of the ramp that
+blends them, narrow because across it two brush textures are averaged and flattened. The
+overlap used to be twice this, with the ramp over its middle half: the later tile's pixels in
+the first quarter were optimised and then dropped (weight 0), and so were the earlier tile's in
+the last (weight 1). The same ramp over an overlap of half the width blends the same, with
+fewer pixels per step; the tile's edge pixels see the painting around them (the context)."""
 
 
 @dataclass
@@ -57,10 +64,17 @@ class MemoryPlan:
     held: int
     cost: ScaleCost
     targets: ScaleCost
+    reach: int | None = None
+    """How far the network's deepest layer in use sees (backbones.Architecture.reach; None:
+    unknown): context beyond it would change nothing the optimiser sees, and costs time."""
+    held_now: Callable[[], int | None] | None = None
+    """What the process holds at the moment (None: ``held`` throughout)."""
     predicted: list[int] = field(default_factory=list)
 
     @classmethod
-    def for_run(cls, s: Settings, device: torch.device, dtype: torch.dtype | None) -> MemoryPlan:
+    def for_run(
+        cls, s: Settings, device: torch.device, dtype: torch.dtype | None, reach: int | None = None
+    ) -> MemoryPlan:
         """The budget of ``s.max_memory`` on ``device``: GPU memory on CUDA, else RAM."""
         free: int | None
         if device.type == "cuda":
@@ -78,6 +92,10 @@ class MemoryPlan:
             held,
             memory_model.scale_cost(s.optimizer, kind, s.lbfgs_history),
             memory_model.TARGETS[kind],
+            reach,
+            partial(torch.cuda.memory_allocated, device)
+            if device.type == "cuda"
+            else memory_model.rss_now,
         )
 
     def room(self) -> float | None:
@@ -99,11 +117,11 @@ class MemoryPlan:
             w, h = scale.size
             canvas = CANVAS_BYTES_PER_PIXEL * w * h
             max_pixels = self.cost.pixels_within(room - canvas)
-            context = tiles.choose_overlap(max_pixels, minimum=MIN_MARGIN)
+            context = self._context(max_pixels)
             tile_pixels = int((math.sqrt(max_pixels) - 2 * context) ** 2)
             if tile_pixels < MIN_TILE_SIDE**2:
                 raise self._too_small(scale)
-            overlap = tiles.choose_overlap(tile_pixels, minimum=MIN_MARGIN)
+            overlap = tiles.choose_overlap(tile_pixels, minimum=MIN_MARGIN, share=OVERLAP_SHARE)
             try:
                 grid = tiles.plan_grid(w, h, max_pixels, overlap, previous, context=context)
             except ValueError:
@@ -113,12 +131,25 @@ class MemoryPlan:
             previous = grid
         return out
 
+    def _context(self, max_pixels: int) -> int:
+        """Fixed image around each tile: an eighth of the largest window's side, but no more
+        than the network's reach (rounded up to 16 px): at print sizes that eighth was 100-130
+        px against VGG19's 78 (relu5_1), windows of twice their cores' pixels."""
+        context = tiles.choose_overlap(max_pixels, minimum=MIN_MARGIN)
+        if self.reach is None:
+            return context
+        return min(context, max(MIN_MARGIN, -(-self.reach // 16) * 16))
+
     def target_pixels(self, scale: tuple[int, int], style: tuple[int, int]) -> int | None:
         """The most pixels one forward pass for the style targets of a ``style``-sized image
         may take at a ``scale``-sized scale (None: no limit)."""
-        room = self.room()
-        if room is None:
+        if self.limit is None:
             return None
+        # What the process holds now, not when the run began: by a print size's last scales
+        # it held ~0.1 GB more (the previous scales' images, the heap's layout; a 2048 px
+        # run's trace), and the targets' pass is a scale's peak.
+        now = (self.held_now() if self.held_now is not None else None) or self.held
+        room = SAFETY * self.limit - max(now, self.held)
         pixels = style[0] * style[1]
         taken = CANVAS_BYTES_PER_PIXEL * scale[0] * scale[1] + 3 * 4 * pixels  # style tensor
         return max(MIN_TILE_SIDE**2, self.targets.pixels_within(room - taken))
@@ -260,13 +291,17 @@ def paint_tiled(
             s, fwd, plan, objective, leaf, index, clock, should_stop, guide, embed
         )
         blend(canvas, tile, done.image)
-        after = _core_grams(fwd, plan, canvas, grid, (tile,))
-        whole = {n: whole[n] + after[n] - before[n] for n in whole}
         rest -= share
         for name, value in done.losses.items():
             totals[name] = totals.get(name, 0.0) + value * share
         steps, restored = steps + done.steps, restored or done.restored_best
-        del objective, leaf, done, mask, guide, embed, core, after, before
+        del objective, leaf, done, mask, guide, embed, core
+        # The steps' freed blocks stay in the heap, where the gradient-free pass's blocks of
+        # other sizes did not fit them: it peaked above the steps (a 2048 px run's trace).
+        memory.release()
+        after = _core_grams(fwd, plan, canvas, grid, (tile,))
+        whole = {n: whole[n] + after[n] - before[n] for n in whole}
+        del after, before
     clock.end_tiles()
     if "style" in totals:  # the whole image's, from its Grams (the tiles' are per tile)
         style = _style_loss(s, plan, targets, whole)

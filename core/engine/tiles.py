@@ -8,9 +8,8 @@ The axis of a scale is cut into *cores* (a partition); a tile is its core grown 
 overlap on each side that has a neighbour, so neighbouring tiles share ``overlap`` pixels. Tiles
 are painted in row-major order, each starting from the image as painted so far, and blended in
 with a raised-cosine ramp across the overlap on the sides whose neighbour is already painted
-(left and top): the ramp is 0 at the tile's edge, where zero padding distorts the network's
-view, and 1 where the tile's own interior begins. Sides whose neighbour comes later are written
-in full, and that neighbour blends over them.
+(left and top), from 0 at the tile's edge to 1 at the overlap's end. Sides whose neighbour
+comes later are written in full, and that neighbour blends over them.
 
 A tile is optimised with ``context`` pixels of fixed image around it (TileGrid.window), so the
 pixels per step of a tiled scale are its windows' areas: the grid is chosen to make their sum
@@ -127,6 +126,8 @@ def offset_cuts(length: int, count: int, offset: float, align: int = 1) -> tuple
 def _aligned(positions: list[float], length: int, align: int) -> tuple[int, ...]:
     cuts: list[int] = []
     for p in positions:
+        if not 0 < p < length:  # an edge of the image: rounded, it could make a sliver core
+            continue
         pos = int(round(p / align)) * align
         if 0 < pos < length and (not cuts or pos > cuts[-1]):
             cuts.append(pos)
@@ -175,15 +176,14 @@ def _cores_ok(length: int, cuts: tuple[int, ...], shortest: int) -> bool:
 
 
 def _candidates(length: int, count: int, half: int, context: int, align: int) -> list[_Axis]:
-    """An axis in ``count`` cores: unshifted first, then its cuts moved by each of OFFSETS,
-    then the shifted grids of SHIFTS (one more core); none with a core shorter than the
-    overlap."""
-    sets = [cuts_for(length, count, 0.0, align)]
-    if count > 1:
-        sets += [offset_cuts(length, count, o, align) for o in OFFSETS]
-        sets += [cuts_for(length, count, s, align) for s in SHIFTS[1:]]
-    unique = dict.fromkeys(c for c in sets if _cores_ok(length, c, max(2 * half, 1)))
-    return [_Axis.of(length, cuts, half, context) for cuts in unique]
+    """An axis in ``count`` cores: unshifted (what _counts planned), then its cuts moved by
+    each of OFFSETS, then the shifted grids of SHIFTS (one more core); the moved ones only
+    where no core is shorter than the overlap."""
+    plain = cuts_for(length, count, 0.0, align)
+    moved = [offset_cuts(length, count, o, align) for o in OFFSETS] if count > 1 else []
+    moved += [cuts_for(length, count, s, align) for s in SHIFTS[1:]] if count > 1 else []
+    ok = (c for c in moved if _cores_ok(length, c, max(2 * half, 1)))
+    return [_Axis.of(length, cuts, half, context) for cuts in dict.fromkeys((plain, *ok))]
 
 
 def _counts(
@@ -267,14 +267,10 @@ def ramp(width: int, length: int, lead: int = 0) -> list[float]:
 
 def feather(tile: Tile) -> tuple[list[float], list[float]]:
     """A tile's blending weights as (per column, per row); the weight of pixel (x, y) is their
-    product. 1 where the tile has no painted neighbour; across an overlap, a ramp over its
-    middle half. The tiles are painted with context around them (TileGrid.window), so both
-    sides of an overlap already agree near its middle; a ramp across all of it averaged two
-    brush textures over a wider band and measurably flattened them there."""
-    left, top = tile.feather_left, tile.feather_top
-    return ramp(left - left // 2, tile.width, left // 4), ramp(
-        top - top // 2, tile.height, top // 4
-    )
+    product. 1 where the tile has no painted neighbour; across an overlap, a ramp over all of
+    it. The ramp is kept narrow (an overlap is a sixteenth of a tile's side: choose_overlap's
+    caller), because across it two brush textures are averaged and flattened."""
+    return ramp(tile.feather_left, tile.width), ramp(tile.feather_top, tile.height)
 
 
 def choose_overlap(max_pixels: int, minimum: int = 32, share: float = 0.125) -> int:
