@@ -21,7 +21,7 @@ from benchmarks.peak import run_python
 from core.byte_sizes import parse_bytes
 from core.engine import backbones, memory_model, tiles
 from core.engine import run as engine
-from core.engine.tiled import MemoryPlan
+from core.engine.tiled import TILE_STEPS_EXTRA, MemoryPlan
 from core.errors import Cancelled, SettingsError
 from core.settings import Settings
 from core.types import Progress
@@ -38,7 +38,8 @@ def budget_for(settings: Settings, size: tuple[int, int], window_pixels: int) ->
     """A max_memory that leaves room for tile windows of ``window_pixels`` at a ``size`` scale."""
     cost = memory_model.scale_cost(settings.optimizer, "fp32", settings.lbfgs_history)
     canvas = memory_model.CANVAS_BYTES_PER_PIXEL * size[0] * size[1]
-    return f"{math.ceil((HELD + canvas + cost.extra(window_pixels)) / memory_model.SAFETY)}B"
+    steps = cost.fixed + TILE_STEPS_EXTRA * cost.per_pixel * window_pixels
+    return f"{math.ceil((HELD + canvas + steps) / memory_model.SAFETY)}B"
 
 
 def grid_of(settings: Settings) -> tiles.TileGrid:

@@ -53,6 +53,13 @@ the first quarter were optimised and then dropped (weight 0), and so were the ea
 the last (weight 1). The same ramp over an overlap of half the width blends the same, with
 fewer pixels per step; the tile's edge pixels see the painting around them (the context)."""
 
+TILE_STEPS_EXTRA = 1.2
+"""What a tile's steps add per pixel in a print-size run, over a fresh process's cost of the
+same pixels (memory_model.COSTS): the heap the run's earlier scales and tiles left behind. Measured
+from four runs' peaks over the planner's prediction (2048 px at 1.5GB three times, 4096 px at
+3GB once; benchmarks/tiles.py): 1.16-1.21x the predicted extra. Without it, the last 2048 px
+run peaked 8 MB over its budget."""
+
 
 @dataclass
 class MemoryPlan:
@@ -98,6 +105,11 @@ class MemoryPlan:
             else memory_model.rss_now,
         )
 
+    @property
+    def tile_cost(self) -> ScaleCost:
+        """A tile's steps in a tiled scale: the per-pixel cost times TILE_STEPS_EXTRA."""
+        return ScaleCost(self.cost.fixed, self.cost.per_pixel * TILE_STEPS_EXTRA)
+
     def room(self) -> float | None:
         """Bytes the scales may add to what is held (None: no limit)."""
         return None if self.limit is None else SAFETY * self.limit - self.held
@@ -116,7 +128,7 @@ class MemoryPlan:
                 continue
             w, h = scale.size
             canvas = CANVAS_BYTES_PER_PIXEL * w * h
-            max_pixels = self.cost.pixels_within(room - canvas)
+            max_pixels = self.tile_cost.pixels_within(room - canvas)
             context = self._context(max_pixels)
             tile_pixels = int((math.sqrt(max_pixels) - 2 * context) ** 2)
             if tile_pixels < MIN_TILE_SIDE**2:
@@ -127,7 +139,7 @@ class MemoryPlan:
             except ValueError:
                 raise self._too_small(scale) from None
             out.append(replace(scale, grid=grid))
-            self.predicted.append(self.held + canvas + self.cost.extra(grid.largest_window))
+            self.predicted.append(self.held + canvas + self.tile_cost.extra(grid.largest_window))
             previous = grid
         return out
 
@@ -165,7 +177,7 @@ class MemoryPlan:
     def _too_small(self, scale: ScalePlan) -> SettingsError:
         w, h = scale.size
         side = MIN_TILE_SIDE + 2 * MIN_MARGIN
-        need = self.held + self.cost.extra(side**2) + CANVAS_BYTES_PER_PIXEL * w * h
+        need = self.held + self.tile_cost.extra(side**2) + CANVAS_BYTES_PER_PIXEL * w * h
         return SettingsError(
             f"max_memory {format_bytes(self.limit or 0)} is too small for a {w}x{h} painting: "
             f"this process already holds {format_bytes(self.held)}, and painting in tiles "
