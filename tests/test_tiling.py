@@ -246,3 +246,19 @@ def test_tile_context_stops_at_the_networks_reach() -> None:
 
     assert context(None) > 80  # an eighth of a print-size window's side
     assert context(78) == 80  # the reach, rounded up to the deepest layer's stride
+
+
+def test_the_targets_room_follows_what_the_process_holds_now() -> None:
+    # By a print size's last scales the process holds more than when the run was planned
+    # (previous scales' images, the heap's layout): the targets' forward passes, a scale's
+    # peak, get the room that is left now.
+    cost, targets = memory_model.scale_cost("lbfgs", "bf16"), memory_model.TARGETS["bf16"]
+
+    def pixels(now: int) -> int | None:
+        plan = MemoryPlan(parse_bytes("1.5GB"), HELD, cost, targets, held_now=lambda: now)
+        return plan.target_pixels((2048, 1536), (2048, 1536))
+
+    planned, grown = pixels(HELD), pixels(HELD + 100_000_000)
+    assert planned is not None and grown is not None
+    assert planned - grown == pytest.approx(100_000_000 / targets.per_pixel, abs=2)
+    assert pixels(HELD - 50_000_000) == planned  # never more room than planned

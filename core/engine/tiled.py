@@ -160,8 +160,8 @@ class MemoryPlan:
         # What the process holds now, not when the run began: by a print size's last scales
         # it held ~0.1 GB more (the previous scales' images, the heap's layout; a 2048 px
         # run's trace), and the targets' pass is a scale's peak.
-        now = (self.held_now() if self.held_now is not None else None) or self.held
-        room = SAFETY * self.limit - max(now, self.held)
+        now = self.held_now() if self.held_now is not None else None
+        room = SAFETY * self.limit - max(now or 0, self.held)
         pixels = style[0] * style[1]
         taken = CANVAS_BYTES_PER_PIXEL * scale[0] * scale[1] + 3 * 4 * pixels  # style tensor
         return max(MIN_TILE_SIDE**2, self.targets.pixels_within(room - taken))

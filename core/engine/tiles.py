@@ -255,13 +255,12 @@ def plan_grid(
     return TileGrid(width, height, tiles, ax.cuts, ay.cuts, 2 * half, context)
 
 
-def ramp(width: int, length: int, lead: int = 0) -> list[float]:
-    """Weights over ``length`` samples: 0 for the first ``lead``, then a raised cosine from 0
-    to 1 over ``width``, then 1."""
-    out = [0.0] * min(lead, length) + [1.0] * max(0, length - lead)
-    for k in range(width):
-        if lead + k < length:
-            out[lead + k] = 0.5 - 0.5 * math.cos(math.pi * (k + 0.5) / width)
+def ramp(width: int, length: int) -> list[float]:
+    """Weights over ``length`` samples: a raised cosine from 0 to 1 over the first ``width``,
+    then 1."""
+    out = [1.0] * length
+    for k in range(min(width, length)):
+        out[k] = 0.5 - 0.5 * math.cos(math.pi * (k + 0.5) / width)
     return out
 
 
