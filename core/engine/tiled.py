@@ -46,12 +46,13 @@ MIN_TILE_SIDE = 64
 MIN_MARGIN = 16
 """The least overlap between tiles, and context around them (pixels; VGG19's deepest stride)."""
 OVERLAP_SHARE = 1 / 16
-"""Overlap between neighbouring tiles, as a share of a tile's side: the width of the ramp that
-blends them, narrow because across it two brush textures are averaged and flattened. The
-overlap used to be twice this, with the ramp over its middle half: the later tile's pixels in
-the first quarter were optimised and then dropped (weight 0), and so were the earlier tile's in
-the last (weight 1). The same ramp over an overlap of half the width blends the same, with
-fewer pixels per step; the tile's edge pixels see the painting around them (the context)."""
+"""Overlap between neighbouring tiles, as a share of a tile's side (at least 8 px, in steps of
+8): the width of the ramp that blends them, narrow because across it two brush textures are
+averaged and flattened. The overlap used to be twice this (at least 16, in steps of 16), with
+the ramp over its middle half: the later tile's pixels in the first quarter were optimised and
+then dropped (weight 0), and so were the earlier tile's in the last (weight 1). The same ramp
+over an overlap of half the width blends the same, with fewer pixels per step; the tile's edge
+pixels see the painting around them (the context)."""
 
 TILE_STEPS_EXTRA = 1.2
 """What a tile's steps add per pixel in a print-size run, over a fresh process's cost of the
@@ -133,7 +134,9 @@ class MemoryPlan:
             tile_pixels = int((math.sqrt(max_pixels) - 2 * context) ** 2)
             if tile_pixels < MIN_TILE_SIDE**2:
                 raise self._too_small(scale)
-            overlap = tiles.choose_overlap(tile_pixels, minimum=MIN_MARGIN, share=OVERLAP_SHARE)
+            overlap = tiles.choose_overlap(
+                tile_pixels, minimum=MIN_MARGIN // 2, share=OVERLAP_SHARE, step=8
+            )
             try:
                 grid = tiles.plan_grid(w, h, max_pixels, overlap, previous, context=context)
             except ValueError:

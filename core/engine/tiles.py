@@ -272,8 +272,9 @@ def feather(tile: Tile) -> tuple[list[float], list[float]]:
     return ramp(tile.feather_left, tile.width), ramp(tile.feather_top, tile.height)
 
 
-def choose_overlap(max_pixels: int, minimum: int = 32, share: float = 0.125) -> int:
-    """Overlap for tiles of up to ``max_pixels``: an eighth of a tile's side, at least
-    ``minimum`` and a multiple of 16 (the deepest VGG19 layer's stride)."""
+def choose_overlap(max_pixels: int, minimum: int = 32, share: float = 0.125, step: int = 16) -> int:
+    """Overlap (or context) for tiles of up to ``max_pixels``: ``share`` of a tile's side, at
+    least ``minimum``, rounded down to a multiple of ``step`` (16: the deepest VGG19 layer's
+    stride)."""
     side = math.sqrt(max_pixels)
-    return max(minimum, int(side * share) // 16 * 16)
+    return max(minimum, int(side * share) // step * step)
