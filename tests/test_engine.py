@@ -12,7 +12,7 @@ from PIL import Image
 from core import Cancelled, ImageError, SettingsError, WeightsError, stylize
 from core.engine import backbones, scale
 from core.engine.backbones import random_state_dict
-from core.engine.colour import match_colour_stats, rgb_to_ycbcr
+from core.engine.colour import Preservation, match_colour_stats, rgb_to_ycbcr
 from core.engine.losses import gram, gram_key
 from core.engine.model import Forward, layer_plan
 from core.engine.run import Engine, pyramid
@@ -416,3 +416,15 @@ def test_bf16_runs_keep_the_weights_in_bf16_with_the_same_result(tiny_settings) 
     assert all(
         m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, torch.nn.Conv2d)
     )
+
+
+def test_colour_preservation_holds_the_photo_only_where_a_mode_reads_it() -> None:
+    # "none" never reads the photo: a 4096x3072 photo's tensor is 151 MB of the run's budget.
+    plain = Preservation("none", None)
+    assert plain.chroma_source is None
+    image = torch.rand(1, 3, 8, 8)
+    assert torch.equal(plain.content_tensor(image), image)
+    assert torch.equal(plain.finish(image * 2), (image * 2).clamp(0, 1))
+    for mode in ("luminance", "stats"):
+        with pytest.raises(ValueError, match="needs the photo"):
+            Preservation(mode, None)

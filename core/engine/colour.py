@@ -71,9 +71,18 @@ class Preservation:
     images toward the photo; ``luminance`` optimises luminance only (style targets matched to
     the photo's luminance) and puts the photo's chroma back on the output and previews."""
 
-    def __init__(self, mode: str, photo: torch.Tensor) -> None:
-        self.mode, self.photo = mode, photo
-        self.photo_y = luminance(photo) if mode == "luminance" else None
+    def __init__(self, mode: str, photo: torch.Tensor | None) -> None:
+        """``photo`` may be None in mode ``none``, which never reads it (a print-size photo's
+        tensor is 12 bytes a pixel, held through the whole run)."""
+        if photo is None and mode != "none":
+            raise ValueError(f"preserve_colors={mode!r} needs the photo")
+        self.mode, self._photo = mode, photo
+        self.photo_y = luminance(photo) if photo is not None and mode == "luminance" else None
+
+    @property
+    def photo(self) -> torch.Tensor:
+        assert self._photo is not None  # only the modes that have one read it
+        return self._photo
 
     @property
     def chroma_source(self) -> torch.Tensor | None:

@@ -285,9 +285,8 @@ class _Run:
             self.inputs.photo.size, s.size, self.plan.arch.min_side
         )
         scales = plan_scales(s, self.inputs.photo.size, self.plan.arch.min_side)
-        self.colours = colour.Preservation(
-            s.preserve_colors, to_tensor(self.inputs.photo, self.device)
-        )
+        photo_t = to_tensor(self.inputs.photo, self.device) if s.preserve_colors != "none" else None
+        self.colours = colour.Preservation(s.preserve_colors, photo_t)
         self.styles = self._styles()
         self.blend_total = sum(w for _, w in self.styles)
         # Measured after the model and the inputs are in memory: what the scales may add.
