@@ -262,3 +262,8 @@ def test_the_targets_room_follows_what_the_process_holds_now() -> None:
     assert planned is not None and grown is not None
     assert planned - grown == pytest.approx(100_000_000 / targets.per_pixel, abs=2)
     assert pixels(HELD - 50_000_000) == planned  # never more room than planned
+    # A larger style image as given leaves less room (see tiled.SOURCE_BYTES_PER_PIXEL).
+    plan = MemoryPlan(parse_bytes("1.5GB"), HELD, cost, targets)
+    small = plan.target_pixels((2048, 1536), (2048, 2048), (2048, 2048))
+    large = plan.target_pixels((2048, 1536), (2048, 2048), (4096, 4096))
+    assert small is not None and large is not None and large < small

@@ -328,7 +328,7 @@ class _Run:
             ssize = style_size(img.size, size, self.s, self.plan.arch.min_side)
             grams, hit = self.engine.style_grams(
                 self.fwd, key, img, ssize, self.plan.style, self.colours.style_tensor,
-                self.memory.target_pixels(size, ssize),
+                self.memory.target_pixels(size, ssize, img.size),
             )  # fmt: skip
             self.cache_hits += hit
             yield grams, blend / self.blend_total
