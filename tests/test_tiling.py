@@ -30,7 +30,7 @@ from tests.conftest import make_image, settings_for
 ROOT = Path(__file__).resolve().parents[1]
 HELD = 400_000_000
 SIZE = (160, 120)
-TILE_PIXELS = 12_000  # the largest window (tile + context) the budget holds
+TILE_PIXELS = 10_000  # the largest window (tile + context) the budget holds: 2 x 2 tiles
 ITERATIONS = 8
 
 
