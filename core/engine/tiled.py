@@ -308,24 +308,13 @@ def paint_tiled(
         share = _share(grid, tile)
         before = _core_grams(fwd, plan, canvas, grid, (tile,))
         mine = [(_tile_target(g, whole, before, share, rest), w) for g, w in targets]
-        content_t = content_prep(to_tensor(photo.crop(box), canvas.device))
-        mask = None if face_mask is None else _cut(face_mask, box)
-        objective = build_objective(s, plan, fwd, content_t, mine, mask)
-        del content_t, mine
-        embed, core = _embedding(canvas, tile, box)
-        guide = GramGuide(core if mask is None else core * face_guide(s, mask).weights)
-        region = canvas[:, :, tile.y : tile.y + tile.height, tile.x : tile.x + tile.width]
-        leaf = region.clone().requires_grad_(True)
-        memory.release()
-        done = optimise_scale(
-            s, fwd, plan, objective, leaf, index, clock, should_stop, guide, embed
-        )
-        blend(canvas, tile, done.image)
+        done = _paint_tile(s, plan, fwd, index, clock, should_stop, canvas, photo,
+                           content_prep, box, tile, mine, face_mask)  # fmt: skip
         rest -= share
         for name, value in done.losses.items():
             totals[name] = totals.get(name, 0.0) + value * share
         steps, restored = steps + done.steps, restored or done.restored_best
-        del objective, leaf, done, mask, guide, embed, core
+        del done, mine
         # The steps' freed blocks stay in the heap, where the gradient-free pass's blocks of
         # other sizes did not fit them: it peaked above the steps (a 2048 px run's trace).
         memory.release()
@@ -338,6 +327,37 @@ def paint_tiled(
         totals["total"] += style - totals["style"]
         totals["style"] = style
     return ScaleResult(canvas, totals, steps, restored)
+
+
+def _paint_tile(
+    s: Settings,
+    plan: LayerPlan,
+    fwd: Forward,
+    index: int,
+    clock: ProgressClock,
+    should_stop: Callable[[], bool] | None,
+    canvas: torch.Tensor,
+    photo: Image.Image,
+    content_prep: Callable[[torch.Tensor], torch.Tensor],
+    box: tuple[int, int, int, int],
+    tile: tiles.Tile,
+    targets: list[tuple[Grams, float]],
+    face_mask: torch.Tensor | None,
+) -> ScaleResult:
+    """One tile optimised in its window ``box`` towards ``targets`` (its core's Gram
+    targets), and blended into the canvas; its objective and optimiser go when it returns."""
+    content_t = content_prep(to_tensor(photo.crop(box), canvas.device))
+    mask = None if face_mask is None else _cut(face_mask, box)
+    objective = build_objective(s, plan, fwd, content_t, targets, mask)
+    del content_t
+    embed, core = _embedding(canvas, tile, box)
+    guide = GramGuide(core if mask is None else core * face_guide(s, mask).weights)
+    region = canvas[:, :, tile.y : tile.y + tile.height, tile.x : tile.x + tile.width]
+    leaf = region.clone().requires_grad_(True)
+    memory.release()
+    done = optimise_scale(s, fwd, plan, objective, leaf, index, clock, should_stop, guide, embed)
+    blend(canvas, tile, done.image)
+    return done
 
 
 def _style_loss(
