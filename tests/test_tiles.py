@@ -91,7 +91,7 @@ def test_passes_move_the_seams() -> None:
     second = tiles.plan_grid(1000, 750, 200_000, 64, previous=first)
     assert first.cuts_x and first.cuts_y
     (fx, fy), (sx, sy) = first.relative_cuts(), second.relative_cuts()
-    # At least an overlap apart: the two passes' ramps (the overlap's middle half) never meet.
+    # At least an overlap apart: the two passes' ramps (each across its overlap) never overlap.
     assert min(abs(a - b) for a in fx for b in sx) * 1000 >= 64
     assert min(abs(a - b) for a in fy for b in sy) * 750 >= 64
     # Across scales (another size, the same picture) the relative positions still move.
