@@ -8,6 +8,10 @@ cuDNN's own pooling (``fused_pooling`` off: the fused ReLU + pool is made for CP
 ``channels_last``, ``torch.compile`` of the network, and what ``precision="auto"`` picks by
 measuring (core/engine/autotune.py).
 Every run is one scale (no pyramid) of ``--steps`` L-BFGS steps after ``--warmup`` untimed ones.
+Then ``--paint`` runs whole paintings as a user gets them (the pyramid, default quality and
+settings): by default 512 px with the default budget, and 4096 px within ``--max-memory 2GB``
+of GPU memory, which paints its last scales in tiles (issue 15's planner on CUDA), printing
+wall time, the peak GPU memory against the budget and the planner's prediction, and the tiles.
 
 Without a CUDA device it says so and exits with status 2. ``--device cpu`` runs the same code on
 the CPU (tests use it at tiny sizes; peak memory is then the process's peak RSS).
@@ -27,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 SIZES = (512, 1024, 2048)
+PAINT = "512:auto,4096:2GB"
 VARIANTS: dict[str, dict[str, Any]] = {
     "auto (measured choice)": {},
     "bf16, cuDNN pooling, channels_last": {
@@ -89,11 +94,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--no-compile", action="store_true", help="skip the torch.compile variant (minutes)"
     )
+    parser.add_argument(
+        "--variants", default="", help="only the variants whose name holds this text"
+    )
+    parser.add_argument(
+        "--paint", default=PAINT, help="whole runs, SIZE:MAX_MEMORY,... ('' for none)"
+    )
     ns = parser.parse_args(list(argv))
     try:
         ns.sizes = tuple(int(v) for v in ns.sizes.split(",") if v.strip())
+        ns.paint = [
+            (int(size), budget)
+            for size, budget in (v.split(":") for v in ns.paint.split(",") if v.strip())
+        ]
     except ValueError:
-        parser.error("--sizes takes whole numbers separated by commas")
+        parser.error("--sizes takes whole numbers, --paint SIZE:MAX_MEMORY pairs, by commas")
     if ns.steps < 1 or ns.warmup < 1:
         parser.error("--steps and --warmup must be at least 1")
     return ns
@@ -156,6 +171,35 @@ def run_one(content: Path, style: Path, size: int, name: str, ns: argparse.Names
     )
 
 
+def paint(content: Path, style: Path, size: int, budget: str, ns: argparse.Namespace) -> str:
+    """A whole painting with default settings at ``size`` px within ``budget``: one line."""
+    import torch
+
+    from core.engine.run import default_engine
+    from core.settings import Settings
+
+    device = torch.device(ns.device)
+    settings = Settings(backbone="random", device=ns.device, size=size, max_memory=budget)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    result = default_engine().stylize(str(content), [str(style)], settings)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - started
+    meta = result.metadata
+    memory = meta.get("memory", {})
+    w, h = result.image.size
+    return (
+        f"paint {w}x{h} --max-memory {budget}: wall {wall:.1f} s, peak {peak_memory_mb(device):.0f}"
+        f" MB, budget {(memory.get('budget') or 0) / 2**20:.0f} MB, predicted "
+        f"{memory.get('predicted_peak', 0) / 2**20:.0f} MB, tiles per scale {meta.get('tiles')}, "
+        f"steps {meta.get('steps', '?')}, loss {meta['losses']['total']:.5g}, "
+        f"ran {meta.get('speed', {}).get('path', '?')}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ns = parse_args(sys.argv[1:] if argv is None else argv)
     import torch
@@ -175,10 +219,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         flush=True,
     )
     with tempfile.TemporaryDirectory(prefix="pastiche-gpu-") as tmp:
-        content, style = synthetic_images(Path(tmp), max(ns.sizes))
+        content, style = synthetic_images(Path(tmp), max(ns.sizes + tuple(s for s, _ in ns.paint)))
         for size in ns.sizes:
             for name in VARIANTS:
-                if ns.no_compile and name in COMPILED:
+                if (ns.no_compile and name in COMPILED) or ns.variants not in name:
                     continue
                 try:
                     row = run_one(content, style, size, name, ns)
@@ -191,6 +235,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     )
                     continue
                 print(row.line(), flush=True)
+        for size, budget in ns.paint:
+            try:
+                print(paint(content, style, size, budget, ns), flush=True)
+            except Exception as exc:  # the other rows still count
+                print(f"paint {size} px {budget}: failed: {type(exc).__name__}: {exc}", flush=True)
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 

@@ -8,6 +8,10 @@ of that extra memory against the number of pixels: a fixed part and a part per p
 
     python -m benchmarks.memory_model                       # measure, fit, print the table
     python -m benchmarks.memory_model --sizes 256,512 --variants lbfgs/bf16
+    python -m benchmarks.memory_model --device cuda --sizes 512,1024,1536,2048,3072
+
+On CUDA the same is read from PyTorch's allocator: GPU memory allocated at the scale's start
+and the allocator's peak (``torch.cuda.max_memory_allocated``) after it.
 
 Tests (tests/test_memory_model.py) call :func:`measure` at a few sizes and compare the
 measured extra with the model's prediction.
@@ -51,7 +55,9 @@ def reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5", encoding="ascii")
 
 
-def settings_for(variant: str, size: int, iterations: int, **changes: Any) -> Any:
+def settings_for(
+    variant: str, size: int, iterations: int, device: str = "cpu", **changes: Any
+) -> Any:
     from core.settings import Settings
 
     optimizer, kind = variant.split("/")
@@ -61,7 +67,7 @@ def settings_for(variant: str, size: int, iterations: int, **changes: Any) -> An
     if kind == "plain":
         levers.update(winograd=False, fused_pooling=False)
     return Settings(
-        backbone="random", device="cpu", size=size, pyramid=False, optimizer=optimizer,
+        backbone="random", device=device, size=size, pyramid=False, optimizer=optimizer,
         iterations=iterations, initial_iterations=iterations, early_stop=0.0, preview_every=0,
         **levers, **changes,
     )  # fmt: skip
@@ -76,18 +82,29 @@ def point(spec: dict[str, Any]) -> dict[str, Any]:
     from core.engine import run as engine
     from core.engine.cpu import memory
 
-    settings = settings_for(spec["variant"], spec["size"], spec["iterations"])
+    device = spec.get("device", "cpu")
+    settings = settings_for(spec["variant"], spec["size"], spec["iterations"], device)
     with tempfile.TemporaryDirectory() as tmp:
         c, s = synthetic_images(Path(tmp), spec["size"])
         content = Image.open(c).convert("RGB")
         style = Image.open(s).convert("RGB").resize((spec["style"], spec["style"]))
     _prebuild(engine.default_engine(), settings)
-    memory.keep_freed_memory()
-    memory.release()
-    start = _status_kib("VmRSS")
-    reset_peak()
-    result = engine.stylize(content, [style], settings)
-    peak = _status_kib("VmHWM")
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated() // 1024
+        torch.cuda.reset_peak_memory_stats()
+        result = engine.stylize(content, [style], settings)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() // 1024
+    else:
+        memory.keep_freed_memory()
+        memory.release()
+        start = _status_kib("VmRSS")
+        reset_peak()
+        result = engine.stylize(content, [style], settings)
+        peak = _status_kib("VmHWM")
     w, h = result.metadata["scales"][-1]
     if spec["variant"].startswith("targets/"):  # the square style image is the larger forward
         w, h = style.size
@@ -100,11 +117,16 @@ def point(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def measure(variant: str, size: int, iterations: int = 12, style: int = 256) -> dict[str, Any]:
+def measure(
+    variant: str, size: int, iterations: int = 12, style: int = 256, device: str = "cpu"
+) -> dict[str, Any]:
     """:func:`point` in a fresh Python process (so nothing else sets its peak)."""
     if variant.startswith("targets/"):
         style = size
-    spec = {"variant": variant, "size": size, "iterations": iterations, "style": style}
+    spec = {
+        "variant": variant, "size": size, "iterations": iterations, "style": style,
+        "device": device,
+    }  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
@@ -134,6 +156,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sizes", default="256,384,512,768,1024")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--iterations", type=int, default=12)
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     ns = parser.parse_args(argv)
     if ns.point:
         print(PREFIX + json.dumps(point(json.loads(ns.point))), flush=True)
@@ -142,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for variant in ns.variants.split(","):
         points = []
         for size in sizes:
-            p = measure(variant, size, ns.iterations)
+            p = measure(variant, size, ns.iterations, device=ns.device)
             points.append(p)
             print(
                 f"{variant:12s} {size:5d} px  {p['pixels']:8d} pixels  start {p['start_mb']:7.1f}"

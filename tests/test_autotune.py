@@ -292,3 +292,14 @@ def test_a_worker_makes_the_choice_at_start_up(own_cache: Path) -> None:
 
     autotune.store_record(own_cache, _winning("fp32+winograd"))
     assert prepare().startswith("fp32+winograd (cached from ")
+
+
+def test_a_gpu_is_probed_where_its_kernels_not_their_launches_take_the_time() -> None:
+    """Large on a large GPU, smaller where memory is short, never a size that cannot fit."""
+    from core.engine.memory_model import COSTS
+
+    assert probe.gpu_probe_size(140 * 2**30) == (2048, 1536)
+    w, h = probe.gpu_probe_size(6 * 2**30)  # a 6 GB card
+    assert 512 <= w < 2048 and h == w * 3 // 4 and w % 64 == 0
+    assert COSTS[("lbfgs", "cuda-fp32")].extra(w * h) <= 0.25 * 6 * 2**30
+    assert probe.gpu_probe_size(0) == (256, 192)

@@ -67,3 +67,25 @@ def test_the_tile_budget_leaves_room_for_the_canvas() -> None:
     room = 100 * MiB + 2000 * 50_000
     assert cost.pixels_within(room) == 50_000
     assert cost.pixels_within(50 * MiB) == 0
+
+
+def test_every_kind_the_engine_plans_with_has_costs() -> None:
+    """CUDA runs are planned with the costs measured on a GPU, not the CPU's."""
+    assert memory_model.kind_of("bf16", False, False, cuda=True) == "cuda-bf16"
+    assert memory_model.kind_of("fp32", False, False, cuda=True) == "cuda-fp32"
+    kinds = {
+        memory_model.kind_of(dtype, winograd, pooling, cuda)
+        for dtype in ("fp32", "bf16")
+        for winograd in (False, True)
+        for pooling in (False, True)
+        for cuda in (False, True)
+    }
+    for kind in kinds:
+        assert kind in memory_model.TARGETS
+        for optimizer in ("lbfgs", "adam"):
+            assert memory_model.scale_cost(optimizer, kind).per_pixel > 0
+    # A GPU's activations cost less than the CPU's (no Winograd or oneDNN scratch).
+    assert (
+        memory_model.COSTS[("lbfgs", "cuda-bf16")].per_pixel
+        < memory_model.COSTS[("lbfgs", "bf16")].per_pixel
+    )

@@ -57,10 +57,20 @@ COSTS: dict[tuple[str, str], ScaleCost] = {
     ("adam", "fp32"): ScaleCost(fixed=169.6 * MiB, per_pixel=2464.6),
     ("adam", "bf16"): ScaleCost(fixed=120.0 * MiB, per_pixel=1782.7),
     ("adam", "plain"): ScaleCost(fixed=123.5 * MiB, per_pixel=2674.8),
+    # Measured 2026-11-30 with `python -m benchmarks.memory_model --device cuda --sizes
+    # 512,1024,2048,3072` on an NVIDIA H200 (torch 2.11 CUDA 13.0, cuDNN 9.19): GPU memory from
+    # PyTorch's allocator (peak allocated over allocated at the start), fresh process per point.
+    # Extra MiB at 196608, 786432, 3145728, 7077888 pixels: lbfgs/bf16 344, 1154, 4387, 9787;
+    # lbfgs/fp32 467, 1636, 6325, 14147; adam/bf16 293, 945, 3559, 7924; adam/fp32 416, 1429,
+    # 5497, 12285. The least-squares lines miss by at most 3.1 MiB; fixed parts raised by 4 MiB.
+    ("lbfgs", "cuda-bf16"): ScaleCost(fixed=78 * MiB, per_pixel=1438.8),
+    ("lbfgs", "cuda-fp32"): ScaleCost(fixed=78 * MiB, per_pixel=2084.8),
+    ("adam", "cuda-bf16"): ScaleCost(fixed=78 * MiB, per_pixel=1162.8),
+    ("adam", "cuda-fp32"): ScaleCost(fixed=78 * MiB, per_pixel=1808.9),
 }
 """(optimizer, kind) -> cost of one optimisation scale. Kind: "bf16" (autocast), "fp32"
 (Winograd convolutions and fused pooling, the CPU's fp32 path), "plain" (fp32 without either:
-the graph a GPU runs and the CPU's with those levers off)."""
+the CPU's with those levers off); "cuda-bf16" and "cuda-fp32" on CUDA GPUs (cuDNN)."""
 # Measured 2026-11-30 with ``benchmarks.memory_model.measure("targets/<kind>", 768)`` (589824
 # pixels, same machine kind as COSTS): extra MiB fp32 520; bf16 419, 471 and, in a CI run, 533
 # (the heap's layout varies from run to run). Per pixel set so the fixed part plus it bounds
@@ -69,6 +79,11 @@ TARGETS: dict[str, ScaleCost] = {
     "fp32": ScaleCost(fixed=50 * MiB, per_pixel=850.0),
     "bf16": ScaleCost(fixed=50 * MiB, per_pixel=900.0),
     "plain": ScaleCost(fixed=50 * MiB, per_pixel=850.0),
+    # CUDA: same command and machine as the CUDA rows of COSTS (targets/<kind>, the style image
+    # as large as the scale): extra MiB at 262144, 1048576, 4194304, 9437184 pixels: bf16 168,
+    # 577, 2212, 4938; fp32 187, 749, 2996, 6742 (fits within 0.3 MiB; fixed parts raised).
+    "cuda-bf16": ScaleCost(fixed=36 * MiB, per_pixel=545.1),
+    "cuda-fp32": ScaleCost(fixed=4 * MiB, per_pixel=749.1),
 }
 """kind -> cost of a forward pass without gradients (the style and content targets), per
 pixel of the image passed through."""
@@ -85,8 +100,10 @@ AUTO_SHARE = 0.5
 """``max_memory="auto"``: this share of the memory available when the run starts."""
 
 
-def kind_of(dtype_name: str, winograd: bool, fused_pooling: bool) -> str:
-    """The cost table's kind for a run's precision and levers."""
+def kind_of(dtype_name: str, winograd: bool, fused_pooling: bool, cuda: bool = False) -> str:
+    """The cost table's kind for a run's precision and levers (and device: CUDA or not)."""
+    if cuda:
+        return "cuda-fp32" if dtype_name == "fp32" else "cuda-bf16"
     if dtype_name != "fp32":
         return "bf16"
     return "fp32" if (winograd or fused_pooling) else "plain"

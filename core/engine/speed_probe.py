@@ -4,8 +4,8 @@ The network is the engine's own build (VGG19 up to relu5_1 with the engine's con
 Winograd convolutions, fused ReLU + pooling, channels_last, weights stored in bf16 for bf16
 autocast) with seeded random weights: the choice is about kernels, not about what the weights
 have learnt. The objective is the engine's content and style terms (the total-variation term
-never touches the network), at a small size (192 x 144 on CPUs; 512 x 384 on GPUs, where small
-images measure kernel launches rather than kernels).
+never touches the network), at a small size: 192 x 144 on CPUs; on GPUs up to 2048 x 1536 as
+their memory allows, since small images measure kernel launches there rather than kernels.
 
 Each path runs one untimed step first (oneDNN and cuDNN set up their kernels there), whose loss
 and input gradient are compared with the plain fp32 path's; a path outside the accuracy gate is
@@ -121,8 +121,29 @@ def probe_size(device: torch.device) -> tuple[int, int]:
     """Small enough for a probe of about two seconds on two cores, large enough that the
     Winograd layers' fixed cost per call (their filter transforms, ~30 ms a step for VGG19)
     weighs about a tenth of a step, as it does at the sizes where a run spends its time
-    (362 and 512 px), not a fifth as at 128 px."""
-    return (192, 144) if device.type == "cpu" else (512, 384)
+    (362 and 512 px), not a fifth as at 128 px. On a GPU: :func:`gpu_probe_size`."""
+    if device.type != "cuda":
+        return (192, 144) if device.type == "cpu" else (512, 384)
+    free, _ = torch.cuda.mem_get_info(device)
+    return gpu_probe_size(free)
+
+
+GPU_PROBE_PIXELS = 2048 * 1536
+GPU_PROBE_SHARE = 0.25
+
+
+def gpu_probe_size(free_bytes: int) -> tuple[int, int]:
+    """A 4:3 size where a GPU's step is its kernels, not their launches: up to 2048 x 1536,
+    within a quarter of the free GPU memory for the fp32 path. On an H200 (benchmarks/gpu.py,
+    2026-11-30) a step took 12 ms at 512 x 384 both in fp32 and in bf16, launch-bound, so the
+    probe's choice there was a coin toss; at 2048 x 1536, bf16 took 29 ms and fp32 42 ms,
+    and that is the scale of the print sizes where a GPU run spends its time."""
+    from core.engine.memory_model import COSTS
+
+    cost = COSTS[("lbfgs", "cuda-fp32")]
+    pixels = min(GPU_PROBE_PIXELS, cost.pixels_within(GPU_PROBE_SHARE * free_bytes))
+    w = max(256, int((pixels * 4 / 3) ** 0.5) // 64 * 64)
+    return w, w * 3 // 4
 
 
 class ProbeNetwork:

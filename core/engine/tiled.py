@@ -102,6 +102,7 @@ class MemoryPlan:
             "fp32" if dtype is None else "bf16",
             pick_winograd(s, device),
             pick_fused_pooling(s, device),
+            cuda=device.type == "cuda",
         )
         return cls(
             memory_model.resolve_budget(s.max_memory, held, free),
