@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from benchmarks.peak import run_python
 from core.byte_sizes import parse_bytes
 from core.engine import backbones, memory_model, tiles
 from core.engine import run as engine
-from core.engine.tiled import TILE_STEPS_EXTRA, MemoryPlan
+from core.engine.tiled import MAX_ASK, TILE_STEPS_EXTRA, MemoryPlan, _ask
 from core.errors import Cancelled, SettingsError
 from core.settings import Settings
 from core.types import Progress
@@ -267,3 +268,37 @@ def test_the_targets_room_follows_what_the_process_holds_now() -> None:
     small = plan.target_pixels((2048, 1536), (2048, 2048), (2048, 2048))
     large = plan.target_pixels((2048, 1536), (2048, 2048), (4096, 4096))
     assert small is not None and large is not None and large < small
+
+
+def test_a_tiles_ask_keeps_the_scales_direction() -> None:
+    # What each tile is asked to move its Gram matrices by lies along the untiled scale's ask
+    # (the whole's distance to the style when the scale starts), in proportion to the tile's
+    # share of the Gram energy: the hand-on of what earlier tiles fell short of changes how
+    # far, never where to (at 2048 px it had turned a last tile towards colour noise), and
+    # never beyond MAX_ASK times the tile's part.
+    gen = torch.Generator().manual_seed(0)
+    target = {"a": torch.randn(8, 8, generator=gen)}
+    start = {"a": torch.randn(8, 8, generator=gen)}
+    first = {"a": target["a"] - start["a"]}
+    one, dark = {"a": 1.0}, {"a": 0.25}
+
+    def ask(whole: dict, rest: float, part: dict = one) -> torch.Tensor:
+        return _ask(target, whole, first, {"a": rest}, part)["a"]
+
+    # The first tile is asked what the untiled scale asks of every part, scaled by its
+    # energy: a dark tile (a quarter of the average energy) a quarter of it.
+    assert torch.allclose(ask(start, 1.0), first["a"])
+    assert torch.allclose(ask(start, 1.0, dark), 0.25 * first["a"])
+    # Earlier tiles (40 % of the energy) moved the whole by their part: the same ask again.
+    on_track = {"a": start["a"] + 0.4 * first["a"]}
+    assert torch.allclose(ask(on_track, 0.6), first["a"], atol=1e-5)
+    # They fell short, and moved the whole off the direction: further along it, not off it.
+    off = torch.randn(8, 8, generator=gen)
+    short = {"a": start["a"] + 0.2 * first["a"] + off}
+    asked = ask(short, 0.6)
+    ratio = float((asked * first["a"]).sum() / (first["a"] * first["a"]).sum())
+    assert torch.allclose(asked, ratio * first["a"]) and 1.0 < ratio <= MAX_ASK
+    # The last tiles are never asked for more than MAX_ASK times their part.
+    assert torch.allclose(ask(start, 0.05), MAX_ASK * first["a"])
+    # Past the target along it: asked for nothing more (not pushed back beyond the start).
+    assert float(ask({"a": target["a"] + first["a"]}, 0.5).abs().max()) == 0.0

@@ -287,18 +287,21 @@ def paint_tiled(
 
     Style: the whole image's Gram matrix is the area-weighted sum of its cores' (tiles
     partition its positions; :func:`_core_grams`), so each tile is optimised towards its own
-    Gram moved by its part of the whole's distance to the style (:func:`_tile_target`): the
-    whole's style loss is what the untiled painting minimises. Matching every tile to the style
-    itself asks each part for the statistics of the whole, which left the whole far from them
-    (tests/test_tiling.py); letting each tile make up for all of the whole's distance gave the
-    first tiles far more texture than the later ones. The losses reported are the tiles'
-    content and TV terms weighted by their cores' areas, and the whole image's style loss.
+    Gram moved along the whole's distance to the style at the scale's start, in proportion to
+    its energy (:func:`_ask`): the whole's style loss is what the untiled painting minimises. Matching every tile to the
+    style itself asks each part for the statistics of the whole, which left the whole far from
+    them (tests/test_tiling.py); letting each tile make up for all of the whole's distance gave
+    the first tiles far more texture than the later ones; handing what a tile fell short of on
+    to the next ones pushed the last tiles along what the first could not move (at 2048 px a
+    tile of green noise). The losses reported are the tiles' content and TV terms weighted by
+    their cores' areas, and the whole image's style loss.
     """
     grid = clock.scales[index].grid
     assert grid is not None
     targets = list(targets)
-    whole = _core_grams(fwd, plan, canvas, grid, grid.tiles)  # the image's Grams, kept current
-    rest = 1.0  # the share of the image still to paint
+    whole, energy = _start_grams(fwd, plan, canvas, grid)  # the image's Grams, kept current
+    first = [{n: g[n] - whole[n] for n in g} for g, _ in targets]  # the untiled scale's ask
+    rest = dict.fromkeys(whole, 1.0)  # the share of the image's energy still to paint
     totals: dict[str, float] = {}
     steps, restored = 0, False
     remaining = grid.pixels
@@ -308,10 +311,14 @@ def paint_tiled(
         box = grid.window(tile)
         share = _share(grid, tile)
         before = _core_grams(fwd, plan, canvas, grid, (tile,))
-        mine = [(_tile_target(g, whole, before, share, rest), w) for g, w in targets]
+        part = {n: e / share for n, e in energy[k].items()}
+        mine = [
+            (_tile_target(before, share, _ask(g, whole, ask, rest, part)), w)
+            for (g, w), ask in zip(targets, first, strict=True)
+        ]
         done = _paint_tile(s, plan, fwd, index, clock, should_stop, canvas, photo,
                            content_prep, box, tile, mine, face_mask)  # fmt: skip
-        rest -= share
+        rest = {n: r - energy[k][n] for n, r in rest.items()}
         for name, value in done.losses.items():
             totals[name] = totals.get(name, 0.0) + value * share
         steps, restored = steps + done.steps, restored or done.restored_best
@@ -369,14 +376,57 @@ def _style_loss(
         return float(sum(float(term(feats)) for term in style_terms(s, plan, targets)))
 
 
-def _tile_target(target: Grams, whole: Grams, mine: Grams, share: float, rest: float) -> Grams:
-    """The Gram target of the next tile's core (``mine``: its share times its Gram now): its
-    own Gram moved by the whole image's distance to the style's, over the ``rest`` of the image
-    still to paint. If this tile and each after it move so, the whole moves by all of it (the
-    whole's Gram is the share-weighted sum of the cores'), each part by the same amount, as
-    in the untiled painting; what a tile falls short of is shared by the tiles after it."""
-    rest = max(rest, share)
-    return {n: mine[n] / share + (target[n] - whole[n]) / rest for n in target}
+MAX_ASK = 2.0
+"""What earlier tiles fell short of is handed on to the later ones, up to this many times
+their part of the scale's ask (unbounded, the last tiles were asked for up to 1/share times
+theirs: a 30-tile scale's last tile blew up into colour noise, docs/BENCHMARKS.md)."""
+
+
+def _ask(
+    target: Grams, whole: Grams, first: Grams, rest: dict[str, float], part: dict[str, float]
+) -> Grams:
+    """How far the next tile's core is to move its Gram matrices: along ``first`` (the whole's
+    distance to the style when the scale started), ``part`` times as far (the core's Gram
+    energy over the whole's, at the start), and further by what the tiles before it fell
+    short of: the whole's remaining distance along ``first`` over the energy still to paint,
+    ``rest`` (at most MAX_ASK times, never backwards).
+
+    Why along one direction: both loss terms are scaled MSEs whose gradients do not grow with
+    the distance, so what a tile is asked changes where it goes more than how far. Handing
+    on the remaining distance itself turned the last tiles' ask towards what the first ones
+    could not move (colour statistics: at 2048 px, a tile of green-blue noise).
+    Why in proportion to the energy: the untiled painting moves each position's features by
+    the Gram gradient times those features, so a dark region's statistics move little, a
+    textured one's much. Asked the same shift as a bright one, a dark tile filled itself with
+    coloured noise."""
+    out: Grams = {}
+    for n, ask in first.items():
+        norm = float((ask * ask).sum())
+        along = float(((target[n] - whole[n]) * ask).sum()) / max(norm, 1e-30)
+        out[n] = ask * part[n] * min(MAX_ASK, max(0.0, along / max(rest[n], 1e-6)))
+    return out
+
+
+def _start_grams(
+    fwd: Forward, plan: LayerPlan, canvas: torch.Tensor, grid: tiles.TileGrid
+) -> tuple[Grams, list[dict[str, float]]]:
+    """The whole image's Grams (:func:`_core_grams` over every core), and each core's share
+    of their energy (its share of the image times its Gram's trace, over the whole's trace;
+    they sum to 1 for each layer)."""
+    whole: Grams = {}
+    traces: list[dict[str, float]] = []
+    for tile in grid.tiles:
+        mine = _core_grams(fwd, plan, canvas, grid, (tile,))
+        traces.append({n: float(g.diagonal(dim1=-2, dim2=-1).sum()) for n, g in mine.items()})
+        whole = {n: whole[n] + g if n in whole else g for n, g in mine.items()}
+    totals = {n: sum(t[n] for t in traces) for n in whole}
+    return whole, [{n: t[n] / max(totals[n], 1e-30) for n in t} for t in traces]
+
+
+def _tile_target(mine: Grams, share: float, ask: Grams) -> Grams:
+    """The Gram target of a tile's core (``mine``: its share times its Gram now): its own
+    Gram moved by ``ask``."""
+    return {n: mine[n] / share + ask[n] for n in ask}
 
 
 def _share(grid: tiles.TileGrid, tile: tiles.Tile) -> float:
