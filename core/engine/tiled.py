@@ -288,12 +288,12 @@ def paint_tiled(
     Style: the whole image's Gram matrix is the area-weighted sum of its cores' (tiles
     partition its positions; :func:`_core_grams`), so each tile is optimised towards its own
     Gram moved along the whole's distance to the style at the scale's start, in proportion to
-    its energy (:func:`_ask`): the whole's style loss is what the untiled painting minimises. Matching every tile to the
-    style itself asks each part for the statistics of the whole, which left the whole far from
-    them (tests/test_tiling.py); letting each tile make up for all of the whole's distance gave
-    the first tiles far more texture than the later ones; handing what a tile fell short of on
-    to the next ones pushed the last tiles along what the first could not move (at 2048 px a
-    tile of green noise). The losses reported are the tiles' content and TV terms weighted by
+    its energy (:func:`_ask`): the whole's style loss is what the untiled painting minimises.
+    Matching every tile to the style itself asks each part for the statistics of the whole,
+    which left the whole far from them (tests/test_tiling.py); letting each tile make up for
+    all of the whole's distance gave the first tiles far more texture than the later ones;
+    handing what a tile fell short of on to the next ones pushed the last tiles along what the
+    first could not move (at 2048 px a tile of green noise). The losses reported are the tiles' content and TV terms weighted by
     their cores' areas, and the whole image's style loss.
     """
     grid = clock.scales[index].grid
