@@ -138,8 +138,12 @@ def test_gpu_check_runs_every_variant(capsys: pytest.CaptureFixture[str]) -> Non
     from benchmarks import gpu
 
     args = ["--device", "cpu", "--sizes", "32", "--steps", "1", "--warmup", "1", "--no-compile"]
-    assert gpu.main(args) == 0
-    rows = [line for line in capsys.readouterr().out.splitlines() if " steps/s " in line]
+    assert gpu.main([*args, "--paint", "48:auto,48:1000GB"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if " steps/s " in line]
+    # Whole paintings too (the pyramid at default settings), each with its budget and tiles.
+    paints = [line for line in out.splitlines() if line.startswith("paint ")]
+    assert len(paints) == 2 and all("tiles per scale" in p for p in paints), paints
     assert len(rows) == len(gpu.VARIANTS) - len(gpu.COMPILED)
     # Precision forced; on a CPU the convolution path may still be measured ("..., precision forced").
     assert re.search(r"ran bf16(\+winograd)? \(.*forced\)", rows[1]), rows[1]
