@@ -293,8 +293,9 @@ def paint_tiled(
     which left the whole far from them (tests/test_tiling.py); letting each tile make up for
     all of the whole's distance gave the first tiles far more texture than the later ones;
     handing what a tile fell short of on to the next ones pushed the last tiles along what the
-    first could not move (at 2048 px a tile of green noise). The losses reported are the tiles' content and TV terms weighted by
-    their cores' areas, and the whole image's style loss.
+    first could not move (at 2048 px a tile of green noise). The losses reported are the
+    tiles' content and TV terms weighted by their cores' areas, and the whole image's style
+    loss.
     """
     grid = clock.scales[index].grid
     assert grid is not None

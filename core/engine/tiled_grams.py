@@ -26,10 +26,17 @@ ALIGN = 16
 """Core boundaries are multiples of this: the stride of VGG19's relu5_1 (four poolings)."""
 MARGIN = 64
 """Context around each core, in pixels (a multiple of ALIGN)."""
-MIN_WINDOW = (4 * MARGIN + 2 * ALIGN) ** 2
-"""The fewest pixels a tile (core and margins) may have: any image splits into such tiles
-(cores of 128 px and more; tests/test_tiled_grams.py). A budget that leaves less room is
-exceeded by at most such a tile's forward pass (75 MB in bf16) rather than refused."""
+
+
+def min_window(margin: int = MARGIN) -> int:
+    """The fewest pixels a tile (core and margins) may have: any image splits into such tiles
+    (cores of 128 px and more at the default margin; tests/test_tiled_grams.py). A budget that
+    leaves less room is exceeded by at most such a tile's forward pass (75 MB in bf16) rather
+    than refused."""
+    return (4 * margin + 2 * ALIGN) ** 2
+
+
+MIN_WINDOW = min_window()
 
 
 def tiled_grams(
@@ -42,7 +49,7 @@ def tiled_grams(
     """The Gram matrix (divided by the number of positions) of each of ``layers`` for the
     (1, C, H, W) ``image``, from forward passes over tiles of at most ``max_pixels`` pixels."""
     _, _, height, width = image.shape
-    window = max(max_pixels, (4 * margin + 2 * ALIGN) ** 2)  # MIN_WINDOW at the default margin
+    window = max(max_pixels, min_window(margin))
     grid = tiles.plan_grid(width, height, window, 2 * margin, align=ALIGN)
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(layers, 0)
