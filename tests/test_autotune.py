@@ -239,13 +239,30 @@ def test_the_real_probe_measures_every_path_of_the_real_network(monkeypatch) -> 
     assert by_name["fp32+winograd"].grad_error is not None
     assert by_name["fp32+winograd"].grad_error < 1e-2 and by_name["fp32+winograd"].usable
     # bf16 Winograd runs F(2x2, 3x3), accurate enough for the gate (F(4x4) in bf16 was not)
-    assert by_name["bf16+winograd"].error is None
+    assert by_name["bf16+winograd"].accurate and by_name["bf16"].accurate
     for trial in record.trials:  # each either failed, was rejected, or was timed
         assert trial.error is not None or not trial.accurate or trial.seconds is not None
     assert record.size == list(probe.probe_size(CPU)) and record.probe_seconds > 0
     from core.engine.cpu import winograd
 
     assert "pool" not in winograd._local.__dict__  # its scratch buffers are not kept
+
+
+def test_the_probes_bf16_error_does_not_grow_with_its_size(monkeypatch) -> None:
+    """The probe's style differs from its image as a painting from a photo. With white noise
+    for both, the style distance was sampling noise that shrinks with the size, and bf16's
+    rounding of it put bf16 outside the gate at 2048 x 1536 on a GPU (31 % gradient error at
+    512 x 384 on this CPU); here it is ~6 % at any size."""
+    errors = []
+    for size in [(96, 72), (384, 288)]:
+        monkeypatch.setattr(probe, "probe_size", lambda device, size=size: size)
+        net = probe.ProbeNetwork(CPU)
+        trials = probe.time_paths(
+            [autotune.REFERENCE, SpeedPath("bf16", False)], net.step_for, rounds=0
+        )
+        assert trials[1].accurate, trials[1].describe()
+        errors.append(trials[1].grad_error)
+    assert errors[1] < 1.5 * errors[0] + 0.02
 
 
 def _winning(path: str) -> Record:
