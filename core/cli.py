@@ -43,6 +43,8 @@ FIELD_HELP: dict[str, str] = {
     "size": "long side of the output in pixels",
     "iterations": "optimiser steps per scale after the first",
     "initial_iterations": "steps at the first (coarsest) scale (unset: 2 x --iterations)",
+    "full_steps_up_to": "scales above this long side get fewer steps, in proportion to 1/side "
+    "(0: --iterations at every scale)",
     "optimizer": "optimiser",
     "learning_rate": "Adam step size (ignored by L-BFGS)",
     "lbfgs_history": "L-BFGS memory",

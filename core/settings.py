@@ -85,6 +85,17 @@ class Settings:
     initial_iterations: int | None = None
     """Steps at the first (coarsest) scale; None = 2 x iterations [crowsonkb: 1000 vs 500],
     or just ``iterations`` when there is only one scale."""
+    full_steps_up_to: int = 1024
+    """Pyramid scales whose long side is above this get fewer steps than ``iterations``: in
+    proportion to 1 / side, ``iterations x full_steps_up_to / side`` (at least 1); 0 gives
+    every scale ``iterations``. The shape of neural-style's own high-resolution recipe
+    [neural-style: examples/multigpu_scripts/starry_stanford.sh: 500 iterations at 512 px, 200
+    at 1024, 100 at 2048, 50 at 3620, each scale starting from the last; iterations x side stays
+    within 0.7-1x of 512 px's]: a larger scale starts from the last one's painting, which has
+    the style's statistics already, and adds finer detail. Where the fall-off starts is ours:
+    above 1024 px, so the sizes at which the step budgets were set (512 px on a CPU, 1024 on a
+    GPU) paint as before; a 4096 px print takes 5, 7, 10 and 14 steps at its last four scales
+    instead of 20 each, 2.6x fewer pixel-steps in all (docs/BENCHMARKS.md)."""
     optimizer: Optimizer = "lbfgs"
     """[Gatys], [neural-style] default; one function evaluation per step [crowsonkb]."""
     learning_rate: float = 0.02
@@ -198,6 +209,13 @@ class Settings:
         return (
             self.initial_iterations if self.initial_iterations is not None else 2 * self.iterations
         )
+
+    def steps_at(self, long_side: int) -> int:
+        """Steps for a pyramid scale after the first, of this long side (full_steps_up_to)."""
+        if not self.full_steps_up_to or long_side <= self.full_steps_up_to:
+            return self.iterations
+        share = self.full_steps_up_to / long_side
+        return max(min(1, self.iterations), round(self.iterations * share))
 
     @property
     def later_frame_iterations(self) -> int:
@@ -316,6 +334,7 @@ def _check(s: Settings) -> None:
 def _check_ranges(s: Settings) -> None:
     _int_in(s, "size", 16, 8192)
     _int_in(s, "iterations", 0, 100_000)
+    _int_in(s, "full_steps_up_to", 0, 100_000)
     if s.initial_iterations is not None:
         _int_in(s, "initial_iterations", 0, 100_000)
     _float_in(s, "learning_rate", 1e-6, 10.0)

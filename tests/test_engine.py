@@ -329,6 +329,26 @@ def test_pyramid_scales_grow_by_sqrt2_up_to_the_size() -> None:
     assert pyramid(600, 512, True) == [512]
 
 
+def test_scales_above_full_steps_up_to_get_steps_in_proportion_to_one_over_their_side() -> None:
+    """neural-style's high-resolution recipe (500 iterations at 512 px ... 50 at 3620), from
+    1024 px on; below it, and with the fall-off off, every later scale gets ``iterations``."""
+    from core.engine.run import plan_scales
+
+    def steps(**kw: object) -> list[tuple[int, int]]:
+        return [(max(p.size), p.iterations) for p in plan_scales(Settings(**kw), (4000, 3000), 32)]
+
+    assert steps(size=4096)[-5:] == [(1024, 20), (1448, 14), (2048, 10), (2896, 7), (4096, 5)]
+    assert steps(size=4096)[0] == (128, 40)  # the first scale keeps its own budget
+    assert all(n == 20 for _, n in steps(size=1024)[1:])
+    assert all(n == 20 for _, n in steps(size=4096, full_steps_up_to=0)[1:])
+    assert steps(size=4096, iterations=100)[-1] == (4096, 25)
+    assert steps(size=4096, iterations=1)[-1] == (4096, 1)  # never below one step
+    assert steps(size=2048, iterations=0)[-1] == (2048, 0)
+    assert steps(size=2048, pyramid=False) == [(2048, 20)]  # one scale: all of its budget
+    with pytest.raises(SettingsError, match="full_steps_up_to"):
+        Settings(full_steps_up_to=-1)
+
+
 def test_png_output_records_settings(tiny_settings, tmp_path: Path) -> None:
     from core.images import read_metadata, save_image
 

@@ -137,7 +137,7 @@ def output_long_side(
 def plan_scales(s: Settings, photo_size: tuple[int, int], min_side: int) -> list[ScalePlan]:
     """The pyramid's sizes and step budgets, up to ``output_long_side``. Scales whose short
     side cannot reach the deepest layer are skipped; the first scale gets ``first_iterations``
-    when there are several."""
+    when there are several, the others ``Settings.steps_at`` their size."""
     long_side = output_long_side(photo_size, s.size, min_side)[0]
     out_w, out_h = fit(photo_size, long_side)
     sizes = [fit(photo_size, side) for side in pyramid(s.min_size, long_side, s.pyramid)]
@@ -145,7 +145,7 @@ def plan_scales(s: Settings, photo_size: tuple[int, int], min_side: int) -> list
     if len(sizes) == 1:
         iters = [s.iterations if s.initial_iterations is None else s.initial_iterations]
     else:
-        iters = [s.first_iterations] + [s.iterations] * (len(sizes) - 1)
+        iters = [s.first_iterations] + [s.steps_at(max(wh)) for wh in sizes[1:]]
     return [ScalePlan(wh, n) for wh, n in zip(sizes, iters, strict=True)]
 
 
