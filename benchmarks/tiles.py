@@ -67,10 +67,12 @@ def describe(run: dict[str, Any]) -> str:
     )
 
 
-def budget_run(size: int, budget: str, images: tuple[Path, Path], keep: Path | None) -> dict:
+def budget_run(
+    size: int, budget: str, images: tuple[Path, Path], keep: Path | None, extra: Sequence[str] = ()
+) -> dict:
     content, style = images
     out = (keep or Path(tempfile.gettempdir())) / f"tiles-{size}.png"
-    run = stylize(content, style, out, "--size", str(size), "--max-memory", budget)
+    run = stylize(content, style, out, "--size", str(size), "--max-memory", budget, *extra)
     limit = float(budget.removesuffix("GB")) * 1e9
     run["within_budget"] = run["peak_bytes"] <= limit
     print(f"{size} px, --max-memory {budget}: {describe(run)}", flush=True)
@@ -115,6 +117,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--keep", type=Path, help="folder to keep the 2048/4096 paintings in")
     parser.add_argument("--json", type=Path, help="also write every measurement here")
+    parser.add_argument(
+        "--extra",
+        default="",
+        help="more stylize options for the 2048/4096 runs, e.g. '--full-steps-up-to 0'",
+    )
     ns = parser.parse_args(argv)
     print(f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load_average()}", flush=True)
     results: dict[str, Any] = {}
@@ -126,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results[what] = overhead(ns.overhead_size, ns.overhead_budget, ns.rounds, images)
             else:
                 budget = "1.5GB" if what == "2048" else "3GB"
-                results[what] = budget_run(int(what), budget, images, ns.keep)
+                extra = ns.extra.split()
+                results[what] = budget_run(int(what), budget, images, ns.keep, extra)
     print(f"load average at the end {load_average()}")
     if ns.json:
         ns.json.write_text(json.dumps(results, indent=1), encoding="utf-8")
