@@ -123,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="more stylize options for the 2048/4096 runs, e.g. '--full-steps-up-to 0'",
     )
     ns = parser.parse_args(argv)
+    if ns.keep:
+        ns.keep.mkdir(parents=True, exist_ok=True)
     print(f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load_average()}", flush=True)
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="pastiche-tiles-") as tmp:
