@@ -13,7 +13,7 @@ from core.engine.cpu import memory
 from core.errors import Cancelled, ImageError
 from tests.conftest import make_image
 
-KEPT = {memory.M_MMAP_MAX: 0, memory.M_TRIM_THRESHOLD: memory.TRIM_THRESHOLD}
+KEPT = {**memory.GLIBC_DEFAULTS, **memory.kept_settings()}
 
 
 class FakeLibc:
@@ -164,7 +164,53 @@ def test_the_values_restored_are_those_the_environment_set_at_start() -> None:
     env = {"MALLOC_TRIM_THRESHOLD_": "4096", "MALLOC_MMAP_MAX_": "bad"}
     assert memory.started_with(env) == {**memory.GLIBC_DEFAULTS, memory.M_TRIM_THRESHOLD: 4096}
     env["GLIBC_TUNABLES"] = "glibc.malloc.check=0:glibc.malloc.mmap_max=0x10:glibc.malloc.x"
-    assert memory.started_with(env) == {memory.M_MMAP_MAX: 16, memory.M_TRIM_THRESHOLD: 4096}
+    assert memory.started_with(env) == {
+        **memory.GLIBC_DEFAULTS,
+        memory.M_MMAP_MAX: 16,
+        memory.M_TRIM_THRESHOLD: 4096,
+    }
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    assert memory.started_with(env)[memory.M_MMAP_THRESHOLD] == 65536
+
+
+def test_large_blocks_are_mapped_only_where_torch_puts_them_on_huge_pages(monkeypatch) -> None:
+    """Without huge pages, mapping each large block made steps 1.2x slower (a fault per 4 KiB),
+    so the heap is kept whole there; with them, large blocks are mapped and the heap is never
+    trimmed on free (docs/BENCHMARKS.md, "Heap and huge pages")."""
+    monkeypatch.setattr(memory, "huge_pages", lambda: True)
+    huge = memory.kept_settings()
+    assert huge[memory.M_MMAP_THRESHOLD] == memory.MMAP_THRESHOLD
+    assert huge[memory.M_TRIM_THRESHOLD] == memory.TRIM_THRESHOLD
+    assert memory.M_MMAP_MAX not in huge  # mapping stays allowed
+    monkeypatch.setattr(memory, "huge_pages", lambda: False)
+    assert memory.kept_settings() == {memory.M_MMAP_MAX: 0, memory.M_TRIM_THRESHOLD: 1 << 30}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+def test_importing_the_engine_puts_torchs_large_blocks_on_huge_pages() -> None:
+    """``core.engine`` sets THP_MEM_ALLOC_ENABLE before torch's first allocation, in a process
+    that imports torch first too; huge pages are used wherever the kernel offers them."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        pytest.skip("this kernel has no transparent huge pages")
+    code = (
+        "import torch, core.engine; from core.engine.cpu import memory; print(memory.huge_pages())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
+    assert out[-1] == str("[never]" not in mode)
+    env["THP_MEM_ALLOC_ENABLE"] = "0"  # what the environment set is kept: the heap kept whole
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    ).stdout.split()
+    assert out[-1] == "False"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")

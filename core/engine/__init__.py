@@ -5,6 +5,13 @@ CPU speed work in ``core.engine.cpu``) is the engine's own business. Front ends 
 the job runner's worker processes or, in the CLI, directly.
 """
 
+import os
+
+# Before torch's first allocation, which reads it once: torch then puts blocks of 2 MiB and
+# more on transparent huge pages, which lets a run map its large blocks without a page fault per
+# 4 KiB (core/engine/cpu/memory.py). A value the environment set is kept.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 from core.engine.frames import stylize_animation, stylize_frames
 from core.engine.run import Engine, stylize
 from core.settings import Settings
