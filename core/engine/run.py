@@ -186,12 +186,12 @@ class Engine:
         # Freed memory goes back when the run ends, however it ends (core/engine/cpu/memory.py).
         with memory.during_run(keep=False):
             run = _Run(self, content, styles, settings or Settings(), on_progress, should_stop)
-            # No page faults from step to step while the scales are painted; but not when they
-            # are painted in tiles to stay within a memory budget: a heap that keeps what it
-            # frees fragments between tiles and scales of different sizes (a 2048 px run at
-            # --max-memory 1.5GB peaked at 2.0 GB with it, 1.45 GB without, but took 1.39x as
-            # long: docs/BENCHMARKS.md, "Print sizes").
-            with memory.during_run(self.keep_heap and not run.tiled):
+            # Few page faults from step to step while the scales are painted. A run painted in
+            # tiles keeps freed memory only where the large blocks are mapped on huge pages: a
+            # heap that keeps them too fragments between tiles and scales of different sizes
+            # (a 2048 px run at --max-memory 1.5GB peaked at 2.0 GB with it, 1.45 GB with
+            # glibc's defaults, 1.19 GB with the large blocks mapped: docs/BENCHMARKS.md).
+            with memory.during_run(self.keep_heap and (not run.tiled or memory.huge_pages())):
                 return run.result()
 
     def warm_up(self, settings: Settings) -> None:

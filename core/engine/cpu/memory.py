@@ -19,8 +19,8 @@ resident. During a run the engine therefore sets glibc's parameters, in one of t
 
 Either way ``release`` trims explicitly at each pyramid scale and at the end of a run
 (``malloc_trim`` also releases free pages inside the heap). Runs painted in tiles within a
-memory budget do not keep freed memory: there the heap fragments between blocks of different
-sizes and overshot the budget (core/engine/run.py).
+memory budget keep freed memory only with huge pages: a heap kept whole fragments between
+blocks of different sizes and overshot the budget (core/engine/run.py).
 
 The settings hold only while a run is going (``during_run``): afterwards the parameters go back
 to what the process started with, so calling ``stylize`` from another program leaves its
