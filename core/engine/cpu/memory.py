@@ -10,9 +10,9 @@ resident. During a run the engine therefore sets glibc's parameters, in one of t
 * **huge pages** (where torch's allocator puts its large blocks on transparent huge pages, see
   ``huge_pages``): blocks of ``MMAP_THRESHOLD`` (8 MiB) or more are mapped on their own and
   given back when freed, and the heap below them is never trimmed on free. The large blocks are
-  then exactly what is live, and a huge page costs one fault per 2 MiB instead of 512.
-  Measured on a default 512 px run with a face: peak 0.78-0.80 GiB against 0.92-0.98 with
-  the heap kept whole, at the same speed (docs/BENCHMARKS.md, "Heap and huge pages").
+  then exactly what is live, and 2 MiB costs one page fault instead of 512. Measured on a
+  default 512 px run with a face: peak 746-818 MiB against 979-1014 with the heap kept whole,
+  for 1.02-1.10x the step time (docs/BENCHMARKS.md, "Heap and huge pages").
 * **kept heap** (elsewhere): every block comes from the heap and freed blocks stay there
   (``M_MMAP_MAX`` 0), which removes the faults at the cost of the heap's holes; without huge
   pages, mapping the large blocks made steps 1.2x slower.
@@ -106,8 +106,8 @@ _kept = False  # whether the kept-memory settings are in force
 def huge_pages() -> bool:
     """Whether torch puts its large CPU blocks on transparent huge pages in this process.
 
-    torch does so when ``THP_MEM_ALLOC_ENABLE=1`` was set before its first allocation (the CLI
-    and the workers set it, ``core/engine/__init__.py``): blocks of 2 MiB and more are then
+    torch does so when ``THP_MEM_ALLOC_ENABLE=1`` was set before its first allocation (importing
+    ``core.engine`` sets it, ``core/engine/__init__.py``): blocks of 2 MiB and more are then
     page-aligned and advised ``MADV_HUGEPAGE`` (otherwise torch aligns to 64 bytes). Whether that
     happened, and whether the kernel serves huge pages at all, is seen, not assumed: the
     alignment of a few fresh blocks (one from the heap is page-aligned by chance 1 time in 64),
