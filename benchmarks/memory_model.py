@@ -129,9 +129,9 @@ def measure(
     }  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    # The model bounds the heap kept whole (core/engine/cpu/memory.py without huge pages): a
-    # run with its large blocks on huge pages peaks lower (0.75-0.82 against 0.92-1.01 GiB at
-    # 512 px), and a tiled run leaves glibc's settings alone and was fitted against it.
+    # The model bounds the heap kept whole (core/engine/cpu/memory.py without huge pages): runs
+    # with their large blocks on huge pages peak lower (746-818 against 979-1014 MiB at 512 px;
+    # 1.14 against 1.39 GB for 2048 px in tiles at 1.5 GB), so the bound holds either way.
     env["THP_MEM_ALLOC_ENABLE"] = "0"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.memory_model", "--point", json.dumps(spec)],

@@ -127,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ns.keep.mkdir(parents=True, exist_ok=True)
     print(f"{cpu_name()}, {os.cpu_count()} CPUs, load average {load_average()}", flush=True)
     results: dict[str, Any] = {}
+    extra = ns.extra.split()
     with tempfile.TemporaryDirectory(prefix="pastiche-tiles-") as tmp:
         side = 4096 if "4096" in ns.what else 2048
         images = synthetic_images(Path(tmp), side)
@@ -135,7 +136,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results[what] = overhead(ns.overhead_size, ns.overhead_budget, ns.rounds, images)
             else:
                 budget = "1.5GB" if what == "2048" else "3GB"
-                extra = ns.extra.split()
                 results[what] = budget_run(int(what), budget, images, ns.keep, extra)
     print(f"load average at the end {load_average()}")
     if ns.json:

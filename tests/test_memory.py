@@ -206,15 +206,15 @@ def test_importing_the_engine_puts_torchs_large_blocks_on_huge_pages() -> None:
         "import torch, core.engine; from core.engine.cpu import memory; print(memory.huge_pages())"
     )
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
-    ).stdout.split()
-    assert out[-1] == str("[never]" not in mode)
+
+    def huge_pages_in_a_fresh_process() -> str:
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+        ).stdout.split()[-1]
+
+    assert huge_pages_in_a_fresh_process() == str("[never]" not in mode)
     env["THP_MEM_ALLOC_ENABLE"] = "0"  # what the environment set is kept: the heap kept whole
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
-    ).stdout.split()
-    assert out[-1] == "False"
+    assert huge_pages_in_a_fresh_process() == "False"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")

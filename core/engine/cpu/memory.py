@@ -137,6 +137,7 @@ def keep_freed_memory() -> bool:
     """Set ``kept_settings``; returns whether the allocator took them."""
     if _LIBC is None:
         return False
+    # A list, not a generator: every parameter is set even when an earlier one is refused.
     return all([bool(_LIBC.mallopt(param, value)) for param, value in kept_settings().items()])
 
 
