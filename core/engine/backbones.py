@@ -272,16 +272,23 @@ def build(
 ) -> FeatureExtractor:
     """Build a frozen extractor; ``state`` None means seeded random weights (tests only)."""
     arch, make = ARCHITECTURES[arch_name]
-    features = make()
-    if state is None:
-        randomize_(features, seed)
-    else:
-        load_features(features, state, arch.name)
+    features = _skeleton(make)
+    load_features(features, _random_features(features, seed) if state is None else state, arch.name)
     return FeatureExtractor(arch, features, layers, normalization=normalization)
 
 
+def _skeleton(make: Callable[[], nn.Sequential]) -> nn.Sequential:
+    """The layers without tensors (on the meta device): every weight is replaced by the
+    checkpoint's, so the default initialisation would be wasted work, 0.1-0.2 s of a VGG19
+    build on two cores (a quarter of the speed probe's time went to it)."""
+    with torch.device("meta"):
+        return make()
+
+
 def load_features(features: nn.Sequential, state: Mapping[str, torch.Tensor], name: str) -> None:
-    """Load a checkpoint into ``features``; a clear WeightsError if it is not that network."""
+    """Load a checkpoint into ``features`` (built by ``_skeleton``, or with tensors of its own);
+    a clear WeightsError if it is not that network. The model gets its own float32 copies:
+    it never shares memory with the checkpoint."""
     sd = features_state_dict(state)
     expected = features.state_dict()
     missing = sorted(set(expected) - set(sd))
@@ -298,24 +305,27 @@ def load_features(features: nn.Sequential, state: Mapping[str, torch.Tensor], na
                 f"This checkpoint does not fit {name}: features.{key} has shape {shape}, "
                 f"expected {tuple(tensor.shape)}."
             )
-    features.load_state_dict({k: sd[k].float() for k in expected})
+    own = {k: sd[k].to(torch.float32, copy=True) for k in expected}
+    features.load_state_dict(own, assign=True)
 
 
-def randomize_(features: nn.Module, seed: int) -> None:
-    """Seeded He-normal weights: activations keep their scale through depth (tests only)."""
+def _random_features(features: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded He-normal weights and zero biases for ``features``' convolutions, by state-dict
+    key: activations keep their scale through depth (tests and benchmarks only)."""
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in features.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
-                m.weight.copy_(torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5)
-                if m.bias is not None:
-                    m.bias.zero_()
+    out: dict[str, torch.Tensor] = {}
+    for name, m in features.named_modules():
+        if isinstance(m, nn.Conv2d):
+            fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+            out[f"{name}.weight"] = (
+                torch.randn(m.weight.shape, generator=gen) * (2.0 / fan_in) ** 0.5
+            )
+            if m.bias is not None:
+                out[f"{name}.bias"] = torch.zeros(m.bias.shape)
+    return out
 
 
 def random_state_dict(arch_name: str = "vgg19", seed: int = 0) -> dict[str, torch.Tensor]:
     """A checkpoint in torchvision's layout with random weights (for tests and benchmarks)."""
     _, make = ARCHITECTURES[arch_name]
-    features = make()
-    randomize_(features, seed)
-    return {f"features.{k}": v for k, v in features.state_dict().items()}
+    return {f"features.{k}": v for k, v in _random_features(_skeleton(make), seed).items()}

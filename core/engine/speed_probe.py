@@ -9,9 +9,9 @@ their memory allows, since small images measure kernel launches there rather tha
 
 Each path runs one untimed step first (oneDNN and cuDNN set up their kernels there), whose loss
 and input gradient are compared with the plain fp32 path's; a path outside the accuracy gate is
-not timed further. The accurate ones are then timed in a round, and again in reverse order when the
-two fastest are close, each keeping its fastest step: on a shared machine other work only ever
-adds time.
+not timed further. The accurate ones are then timed in a round; those still in a close race
+(``_contenders``) are timed again in reverse order, each keeping its fastest step: on a shared
+machine other work only ever adds time.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from __future__ import annotations
 import datetime as dt
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from core.engine.autotune import REFERENCE, Record, SpeedPath, Trial
+from core.engine.autotune import PRECISION_MARGIN, REFERENCE, Record, SpeedPath, Trial
 from core.engine.cpu import memory, winograd
 
 if TYPE_CHECKING:
@@ -34,15 +34,32 @@ Step = Callable[[], tuple[float, torch.Tensor]]
 """One forward and backward step: the loss and the gradient with respect to the input."""
 
 TIMED_ROUNDS = 2
-"""At most; a round after the first runs only when the two fastest are within CLOSE_CALL."""
+"""At most; a round after the first times only the contenders, and runs only when there are
+two or more."""
 CLOSE_CALL = 1.15
 BUDGET_SECONDS = 2.0
 """No further timed round starts after this long (the warm-up steps always run)."""
 
 
-def _close_call(trials: Iterable[Trial]) -> bool:
-    times = sorted(t.seconds for t in trials if t.usable and t.seconds is not None)
-    return len(times) >= 2 and times[1] < times[0] * CLOSE_CALL
+def _contenders(trials: dict[SpeedPath, Trial]) -> list[SpeedPath]:
+    """The timed paths that could still win: within CLOSE_CALL of the fastest, comparing a
+    reduced precision's time with its PRECISION_MARGIN added, as ``autotune.pick`` does when an
+    fp32 path is there to fall back on. A later round times only these: one more step of a path
+    that is already clearly out would cost the probe time and change no choice (on an AMD EPYC
+    the second round spent 0.55 s of its 0.8 s on the two fp32 paths, both 1.6x behind)."""
+    timed = {p: t.seconds for p, t in trials.items() if t.usable and t.seconds is not None}
+    has_fp32 = any(p.precision == "fp32" for p in timed)
+
+    def effective(path: SpeedPath) -> float:
+        seconds = timed[path]
+        assert seconds is not None
+        reduced = path.precision != "fp32" and has_fp32
+        return seconds * PRECISION_MARGIN if reduced else seconds
+
+    if not timed:
+        return []
+    fastest = min(effective(p) for p in timed)
+    return [p for p in timed if effective(p) <= fastest * CLOSE_CALL]
 
 
 def time_paths(
@@ -77,8 +94,10 @@ def time_paths(
             steps[path] = step
     order = list(steps)
     for r in range(rounds):
-        if r > 0 and (clock() - started > budget or not _close_call(trials.values())):
-            break
+        if r > 0:
+            order = [p for p in order if p in _contenders(trials)]
+            if clock() - started > budget or len(order) < 2:
+                break
         for path in order if r % 2 == 0 else reversed(order):
             t0 = clock()
             steps[path]()
@@ -204,7 +223,8 @@ class ProbeNetwork:
         )
 
         s, plan = self.settings, self.plan
-        fwd = self._forward(SpeedPath("fp32", False))
+        fwd = self._forward(REFERENCE)
+        self._reference: Forward | None = fwd  # the reference path's step runs on it too
         with torch.no_grad():
             c, st = fwd(content, plan.content), fwd(style, plan.style)
         terms = {
@@ -230,7 +250,7 @@ class ProbeNetwork:
 
     def step_for(self, path: SpeedPath) -> Step:
         """One step of the engine's network and objective for ``path``."""
-        fwd = self._forward(path)
+        fwd = self._reference if path == REFERENCE and self._reference else self._forward(path)
         x = self.image.clone().requires_grad_(True)
         objective, grams = self.objective, self.plan.style
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
@@ -256,6 +276,7 @@ class ProbeNetwork:
     def close(self) -> None:
         """Let the weights go before the real run starts."""
         del self.state, self.objective
+        self._reference = None
 
 
 def describe(record: Record) -> str:
