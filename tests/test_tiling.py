@@ -160,6 +160,32 @@ def test_no_visible_seams(runs) -> None:
     assert abs(ratio / reference - 1) <= 0.10, (ratio, reference)
 
 
+def test_each_tile_takes_its_painted_neighbours_tone_before_the_blend(
+    held, base, photo_png, style, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every tile passes through tile_tone.match_tone (tested on its own in
+    tests/test_tile_tone.py) with the canvas under it as painted so far, and what it returns is
+    what is blended in."""
+    from core.engine import tiled
+
+    seen: list[tuple[tiles.Tile, float]] = []
+
+    def spy(tile: tiles.Tile, before: torch.Tensor, painted: torch.Tensor) -> torch.Tensor:
+        seen.append((tile, float((before - painted).abs().mean())))
+        return painted.clamp(0, 0)  # black: visible in the output if it is what is blended
+
+    monkeypatch.setattr(tiled, "match_tone", spy)
+    settings = base.replace(max_memory=budget_for(base, SIZE, TILE_PIXELS))
+    out = engine.stylize(photo_png, [style], settings)
+    grid = grid_of(settings)
+    assert [tile for tile, _ in seen] == list(grid.tiles)
+    assert all(diff > 0 for _, diff in seen)  # the canvas before, not the painted tile again
+    last = grid.tiles[-1]
+    x0, y0, x1, y1 = last.core
+    corner = np.asarray(out.image)[y1 - 4 : y1, x1 - 4 : x1]  # beyond every later ramp
+    assert corner.max() == 0
+
+
 def test_progress_counts_tile_steps(runs) -> None:
     events: list[Progress] = runs["events"]
     n = len(runs["grid"].tiles)

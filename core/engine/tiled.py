@@ -38,6 +38,7 @@ from core.engine.scale import (
     style_terms,
 )
 from core.engine.tensors import to_tensor
+from core.engine.tile_tone import match_tone
 from core.errors import SettingsError
 from core.settings import Settings
 
@@ -354,7 +355,8 @@ def _paint_tile(
     face_mask: torch.Tensor | None,
 ) -> ScaleResult:
     """One tile optimised in its window ``box`` towards ``targets`` (its core's Gram
-    targets), and blended into the canvas; its objective and optimiser go when it returns."""
+    targets), its tone matched to its painted neighbours' (core/engine/tile_tone.py) and
+    blended into the canvas; its objective and optimiser go when it returns."""
     content_t = content_prep(to_tensor(photo.crop(box), canvas.device))
     mask = None if face_mask is None else _cut(face_mask, box)
     objective = build_objective(s, plan, fwd, content_t, targets, mask)
@@ -365,7 +367,7 @@ def _paint_tile(
     leaf = region.clone().requires_grad_(True)
     memory.release()
     done = optimise_scale(s, fwd, plan, objective, leaf, index, clock, should_stop, guide, embed)
-    blend(canvas, tile, done.image)
+    blend(canvas, tile, match_tone(tile, region, done.image))
     return done
 
 
