@@ -28,6 +28,7 @@ def test_baseline_computes_the_engines_objective() -> None:
     """Same weights, images and start: the baseline's loss equals the engine's first loss."""
     content, style = make_image(64, 48, seed=1), make_image(40, 40, seed=2)
     settings = Settings(backbone="random", device="cpu", size=48, pyramid=False, iterations=1,
+                        precision="fp32",  # the baseline's precision: the same arithmetic
                         initial_iterations=1, early_stop=0.0, preview_every=0)  # fmt: skip
     seen: list[float] = []
     engine.stylize(content, [style], settings, on_progress=lambda p: seen.append(p.losses["total"]))

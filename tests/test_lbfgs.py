@@ -132,3 +132,56 @@ def test_the_engine_gives_what_torch_lbfgs_gives(tiny_settings, monkeypatch) -> 
     torch.testing.assert_close(ours, ref, rtol=1e-2, atol=0)
     assert (ours_img - ref_img).abs().mean() <= 1.0
     assert (ours_img - ref_img).abs().max() <= 8
+
+
+def _scripted(x: torch.Tensor, opt: LBFGS, losses: list[float], grads: list[torch.Tensor]):
+    """Steps whose closure reports the given losses and gradients, one per step."""
+    for loss, grad in zip(losses, grads, strict=True):
+
+        def closure(loss: float = loss, grad: torch.Tensor = grad) -> torch.Tensor:
+            x.grad = grad.clone()
+            return torch.tensor(loss)
+
+        before = x.detach().clone()
+        opt.step(closure)
+        yield before, x.detach().clone()
+
+
+@pytest.mark.parametrize("restart_above", [None, 2.0])
+def test_a_step_that_blows_the_loss_up_is_undone_and_restarted(restart_above) -> None:
+    """A loss more than ``restart_above`` times the last one: the step that led there is
+    undone and L-BFGS starts again from its start point, with that point's gradient and a
+    first step's length, its history dropped. Without ``restart_above`` (torch's behaviour)
+    it carries on from the new point."""
+    x = torch.zeros(4, requires_grad=True)
+    opt = LBFGS(x, lr=1, history_size=5, restart_above=restart_above)
+    g1, g2, g3 = (
+        torch.tensor([1.0, -2.0, 0.5, 1.0]),
+        torch.tensor([0.5, -1.0, 0.2, 0.6]),
+        (torch.tensor([3.0, 1.0, -2.0, 4.0])),
+    )
+    steps = list(_scripted(x, opt, [1.0, 0.9, 5.0], [g1, g2, g3]))
+    (_, x1), (at_x1, x2), (at_x2, x3) = steps
+    assert torch.equal(at_x1, x1) and torch.equal(at_x2, x2) and not torch.equal(x1, x2)
+    if restart_above is None:
+        assert opt.restarts == 0 and opt._rows  # its history kept
+        assert not torch.allclose(x3, x1 - g2 * min(1.0, 1.0 / float(g2.abs().sum())))
+    else:
+        assert opt.restarts == 1 and opt._rows == []
+        # from x1 (where the loss was 0.9) along -g2, its gradient: a first step's length, or
+        # half the undone step's if that is shorter
+        first = min(1.0, 1.0 / float(g2.abs().sum()))
+        half = 0.5 * float((x2 - x1).norm()) / float(g2.norm())
+        torch.testing.assert_close(x3, x1 - g2 * min(first, half))
+        assert float((x3 - x1).norm()) <= 0.5 * float((x2 - x1).norm()) + 1e-6
+        # the next blow-up is measured against that restart point's loss (0.9): 1.7 is not one
+        list(_scripted(x, opt, [1.7], [g2]))
+        assert opt.restarts == 1
+
+
+def test_a_nan_loss_counts_as_a_blow_up() -> None:
+    x = torch.zeros(3, requires_grad=True)
+    opt = LBFGS(x, lr=1, restart_above=2.0)
+    g = torch.tensor([1.0, 2.0, -1.0])
+    list(_scripted(x, opt, [1.0, float("nan")], [g, g]))
+    assert opt.restarts == 1

@@ -258,6 +258,9 @@ class _Run:
     """One call of ``Engine.stylize``: its inputs, model and scales, prepared in the order the
     errors should surface (style weights, layers, images, weights, sizes)."""
 
+    restarts = True
+    """Whether L-BFGS restarts after a step that blew the loss up (scale.RESTART_ABOVE)."""
+
     def __init__(
         self,
         engine: Engine,
@@ -401,7 +404,7 @@ class _Run:
         memory.release()
         return optimise_scale(
             self.s, self.fwd, self.plan, objective, image, index, self.clock,
-            self.should_stop, guide,
+            self.should_stop, guide, restarts=self.restarts,
         )  # fmt: skip
 
     def _tiled(
