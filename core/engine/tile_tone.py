@@ -40,17 +40,21 @@ def match_tone(tile: Tile, before: torch.Tensor, painted: torch.Tensor) -> torch
     if not left and not top:
         return painted
     _, _, h, w = painted.shape
-    diff = before.to(painted.dtype) - painted
+
+    def diff(rows: slice, cols: slice) -> torch.Tensor:
+        """Neighbours' pixels less the tile's, over one overlap only (no full-size copy)."""
+        return before[:, :, rows, cols].to(painted.dtype) - painted[:, :, rows, cols]
+
     field = torch.zeros_like(painted[:, :, :1, :1]).expand(-1, -1, h, w)
     weight_sum = torch.zeros((1, 1, h, w), dtype=painted.dtype, device=painted.device)
     weight_max = torch.zeros_like(weight_sum)
     if left:
-        along = _smooth(diff[:, :, :, :left].mean(dim=3), _sigma(h))  # (1, C, h)
+        along = _smooth(diff(slice(None), slice(0, left)).mean(dim=3), _sigma(h))  # (1, C, h)
         wl = _fade(left, w, painted).view(1, 1, 1, w)
         field = field + along.unsqueeze(3) * wl
         weight_sum, weight_max = weight_sum + wl, torch.maximum(weight_max, wl)
     if top:
-        along = _smooth(diff[:, :, :top, :].mean(dim=2), _sigma(w))  # (1, C, w)
+        along = _smooth(diff(slice(0, top), slice(None)).mean(dim=2), _sigma(w))  # (1, C, w)
         wt = _fade(top, h, painted).view(1, 1, h, 1)
         field = field + along.unsqueeze(2) * wt
         weight_sum, weight_max = weight_sum + wt, torch.maximum(weight_max, wt)
