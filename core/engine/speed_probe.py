@@ -95,7 +95,8 @@ def time_paths(
     order = list(steps)
     for r in range(rounds):
         if r > 0:
-            order = [p for p in order if p in _contenders(trials)]
+            still = _contenders(trials)
+            order = [p for p in order if p in still]
             if clock() - started > budget or len(order) < 2:
                 break
         for path in order if r % 2 == 0 else reversed(order):

@@ -17,12 +17,10 @@ texture is the tile's own throughout; only its tone bends towards its neighbours
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
-from core.engine.tiles import Tile
+from core.engine.tiles import Tile, ramp
 
 FADE_SHARE = 0.5
 """How far into the tile the correction fades out, as a share of its side: the tone then turns
@@ -63,11 +61,11 @@ def match_tone(tile: Tile, before: torch.Tensor, painted: torch.Tensor) -> torch
 
 
 def _fade(overlap: int, length: int, like: torch.Tensor) -> torch.Tensor:
-    """1 across the overlap, then a raised cosine down to 0 over FADE_SHARE of the side."""
+    """1 across the overlap, then the blend's raised cosine (tiles.ramp) turned down to 0 over
+    FADE_SHARE of the side."""
     span = max(1, round(length * FADE_SHARE))
-    pos = torch.arange(length, dtype=like.dtype, device=like.device) - overlap + 0.5
-    t = (pos / span).clamp(0, 1)
-    return 0.5 + 0.5 * torch.cos(math.pi * t)
+    down = [1.0] * min(overlap, length) + [1.0 - v for v in ramp(span, max(0, length - overlap))]
+    return torch.tensor(down, dtype=like.dtype, device=like.device)
 
 
 def _sigma(length: int) -> float:

@@ -77,7 +77,8 @@ class LBFGS:
         returns the loss at the point before the step, as torch's L-BFGS does."""
         with torch.enable_grad():
             loss = closure()
-        if self._blew_up(float(loss)):
+        # Reading the loss syncs a GPU: only when restarts are on.
+        if self.restart_above is not None and self._blew_up(float(loss)):
             self._restart()
             return loss
         grad = self.param.grad
