@@ -69,13 +69,6 @@ class _LaterFrame(_Run):
     frame carried along the flow where the flow is trusted (elsewhere from what ``init`` says),
     with [Ruder]'s temporal term in the objective."""
 
-    restarts = False
-    """A later frame starts next to its painting (the previous one carried along): there a
-    step that doubles the loss is the start's loss being small, and restarting let the few
-    steps wander away from the carried painting (the temporal error of tests/test_frames.py's
-    clip went from 0.0001 to 0.0035, three times a clip painted without coherence), where
-    keeping the best evaluated image stays by it. Measured with random weights only."""
-
     def __init__(
         self,
         engine: Engine,

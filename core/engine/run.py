@@ -258,9 +258,6 @@ class _Run:
     """One call of ``Engine.stylize``: its inputs, model and scales, prepared in the order the
     errors should surface (style weights, layers, images, weights, sizes)."""
 
-    restarts = True
-    """Whether L-BFGS restarts after a step that blew the loss up (scale.RESTART_ABOVE)."""
-
     def __init__(
         self,
         engine: Engine,
@@ -404,7 +401,7 @@ class _Run:
         memory.release()
         return optimise_scale(
             self.s, self.fwd, self.plan, objective, image, index, self.clock,
-            self.should_stop, guide, restarts=self.restarts,
+            self.should_stop, guide,
         )  # fmt: skip
 
     def _tiled(

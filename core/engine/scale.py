@@ -290,21 +290,21 @@ def _preview(t: torch.Tensor, photo: torch.Tensor | None) -> Image.Image:
 
 
 # ---- the optimisation of one scale ----------------------------------------------------------
-RESTART_ABOVE: float | None = None
-"""When set, L-BFGS steps back and starts afresh after a step that multiplied the loss by more
-than this (cpu/lbfgs.py). Off for now: on its own it helps stills, but the tiling tests fail
-with it (see below), and that is not understood yet.
+REJECT_ABOVE: float | None = 2.0
+"""L-BFGS rejects a step that multiplied the loss by more than this (cpu/lbfgs.py: undone, its
+curvature pair kept, and taken again from where it began). A doubling marks a step that
+diverged rather than one that wandered; 2.0 is the only value tried, not a tuned one.
 
-Tried with 2.0 only (a doubling marks a step that diverged rather than one that wandered; not a
-tuned value). Measured on an AMD EPYC (Zen 4), default settings at 512 px, random weights, the
-engine's own final loss with restarts off / on: astronaut (a face) in bf16 0.137 / 0.082 (fp32
-without restarts 0.073), the benchmark's synthetic pair in bf16 0.149 / 0.059 (fp32 0.057),
-tubingen in bf16 0.077 / 0.078 and in fp32 0.094 / 0.077. With it on, tests/test_tiling.py's
-160x120 run fails: tiled against untiled objective 2.0x (limit 1.25x) without tile_tone, and with
-it the seams' gradient energy ratio 0.68 against the untiled 0.86 (limit 10 %). In that run only
-the first (80 px) scale restarted, twice, the same in both runs; no tile and no later scale did:
-the bars fail from a different start, so what they say about tiles is sensitive to it, and that
-comes first. Animation frames never restart (frames._LaterFrame)."""
+Why: with bf16's gradients (about 6 % off fp32's, from the convolutions) L-BFGS without a line
+search threw the image uphill at most 512 px scales measured on an AMD EPYC (Zen 4), and the
+default run ended far above fp32's loss. Measured there, default settings at 512 px, random
+weights, the engine's final loss without / with rejection: the benchmark's synthetic pair in
+bf16 0.149 / 0.059 (fp32 0.057 / 0.059), the astronaut (a face) in bf16 0.137 / 0.073 (fp32
+0.073 / 0.072), tubingen in fp32 0.094 / 0.077 (bf16 0.077 / 0.076); docs/BENCHMARKS.md.
+tests/test_tiling.py's bars over four image seeds (fp32, 8 steps a scale): tiled over untiled
+objective 0.82-1.07 (limit 1.25), seam energy within 4 % (limit 10 %). The first design, which
+dropped the history and started again with a first step's length, stalled at the overshoot
+that is usual early in a scale, and those runs ended 2-4x higher."""
 
 
 def make_optimizer(
@@ -314,7 +314,7 @@ def make_optimizer(
     if s.optimizer == "lbfgs":
         # One function evaluation per step, history 10 [crowsonkb]; lr 1 is L-BFGS's own.
         # torch.optim.LBFGS's arithmetic with preallocated state (core/engine/cpu/lbfgs.py).
-        return LBFGS(image, lr=1, history_size=s.lbfgs_history, restart_above=RESTART_ABOVE), None
+        return LBFGS(image, lr=1, history_size=s.lbfgs_history, reject_above=REJECT_ABOVE), None
     # The average starts at the first iterate, a meaningful image, so it needs no bias correction.
     return torch.optim.Adam([image], lr=s.learning_rate), image.detach().clone()
 
@@ -408,16 +408,12 @@ def optimise_scale(
     should_stop: Callable[[], bool] | None,
     guide: GramGuide | None = None,
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    restarts: bool = True,
 ) -> ScaleResult:
     """Run scale ``index`` from the leaf ``image`` (style Grams guided by ``guide``, see
     ``face_guide``); raises Cancelled when ``should_stop()`` (checked before every step) says
     so. ``embed`` (tiles, core/engine/tiled.py) puts the leaf into the fixed context the
-    network sees around it. ``restarts`` False keeps L-BFGS from restarting after a blow-up
-    (RESTART_ABOVE): for animation frames, which start next to their painting already."""
+    network sees around it."""
     opt, average = make_optimizer(s, image)
-    if not restarts and isinstance(opt, LBFGS):
-        opt.restart_above = None
     best = BestImage() if average is None else None
     closure = _closure(opt, fwd, plan.style, image, objective, best, guide, embed)
     early = EarlyStop(s.early_stop, s.patience)

@@ -13,16 +13,18 @@ memory crept up over its first steps (malloc tracing: the only large blocks that
 were these; the figures are in docs/BENCHMARKS.md). Here the history is a ring of preallocated rows and the
 gradient buffer is zeroed in place, so a step leaves the heap as it found it.
 
-One addition, off unless ``restart_above`` is given: a step that multiplies the loss by more than
-that is undone and the method starts again from the point before it (``_restart``). Without a
-line search nothing else stops a bad curvature pair from throwing the image far uphill, and
-with bf16's gradients (about 6 % off fp32's) that happened at most of the 512 px scales measured
-on an AMD EPYC: the default run ended 1.6-2.6x above fp32's loss, 1.0-1.1x with restarts
-(core/engine/scale.py has the figures, and why the engine does not use it yet).
+One addition, off unless ``reject_above`` is given: a step that multiplies the loss by more
+than that is rejected (``_reject``), as a trust-region method rejects a step whose loss its
+model did not predict (Nocedal and Wright, *Numerical Optimization*, 2nd ed., ch. 4). Without a
+line search nothing else stops a bad curvature estimate from throwing the image far uphill:
+with bf16's gradients (about 6 % off fp32's) that happened at most of the 512 px scales
+measured on an AMD EPYC, and the default run ended 1.6-2.6x above fp32's loss
+(core/engine/scale.py has the figures).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import cast
 
@@ -31,7 +33,7 @@ import torch
 
 class LBFGS:
     """``torch.optim.LBFGS`` with ``max_iter=1`` and ``line_search_fn=None`` for one tensor
-    (plus, with ``restart_above``, a restart after a step that blew the loss up)."""
+    (plus, with ``reject_above``, the rejection of a step that blew the loss up)."""
 
     def __init__(
         self,
@@ -40,7 +42,7 @@ class LBFGS:
         history_size: int = 10,
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
-        restart_above: float | None = None,
+        reject_above: float | None = None,
     ) -> None:
         if history_size < 1:
             raise ValueError("history_size must be at least 1")
@@ -60,9 +62,9 @@ class LBFGS:
         self._t: float | torch.Tensor = lr
         self._h_diag: int | torch.Tensor = 1
         self.n_iter = 0
-        self.restart_above = restart_above
+        self.reject_above = reject_above
         self._last_loss: float | None = None
-        self.restarts = 0
+        self.rejected = 0
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the gradient in place (kept, not re-allocated by every backward pass)."""
@@ -77,12 +79,14 @@ class LBFGS:
         returns the loss at the point before the step, as torch's L-BFGS does."""
         with torch.enable_grad():
             loss = closure()
-        # Reading the loss syncs a GPU: only when restarts are on.
-        if self.restart_above is not None and self._blew_up(float(loss)):
-            self._restart()
-            return loss
         grad = self.param.grad
         g = grad.view(-1) if grad is not None else torch.zeros_like(self._d)
+        # Reading the loss syncs a GPU: only when rejections are on.
+        if self.reject_above is not None:
+            value = float(loss)
+            if self._blew_up(value):
+                self._reject(g, learn=math.isfinite(value))
+                return loss
         if torch.linalg.vector_norm(g, float("inf")) <= self.tolerance_grad:
             return loss
         self.n_iter += 1
@@ -90,7 +94,8 @@ class LBFGS:
             torch.neg(g, out=self._d)
             self._h_diag = 1
         else:
-            self._update_direction(g)
+            self._store_pair(g)
+            self._direction(g)
         self._prev_grad.copy_(g)
         if self.n_iter == 1:
             # torch's own expression: a float 1.0 or a 0-dim tensor, kept as is.
@@ -103,53 +108,63 @@ class LBFGS:
         return loss
 
     def _blew_up(self, value: float) -> bool:
-        """Whether the last step took the loss above ``restart_above`` times the loss where it
-        started (never with ``restart_above`` None, torch's behaviour)."""
+        """Whether the last step took the loss above ``reject_above`` times the loss where it
+        started (never with ``reject_above`` None, torch's behaviour)."""
         last = self._last_loss
         blew = (
-            self.restart_above is not None
+            self.reject_above is not None
             and last is not None
             and self.n_iter > 0
-            and not value <= self.restart_above * last  # NaN counts as a blow-up
+            and not value <= self.reject_above * last  # NaN counts as a blow-up
         )
         if not blew:
-            self._last_loss = value  # a restart is measured against its starting point
+            self._last_loss = value  # a retaken step is measured against the same start
         return blew
 
-    def _restart(self) -> None:
-        """Undo the last step and start again from where it began, as from a first step: a
-        steepest-descent step along that point's gradient (kept in ``_prev_grad``) of torch's
-        first-step length, but at most half as long as the step undone (so that a first step
-        that blew up is not taken again: repeated, the restarts back off like a line search),
-        with the curvature history dropped."""
-        self.restarts += 1
-        undone = float(torch.linalg.vector_norm(self._d)) * float(self._t)
-        self.param.sub_(self._d.view_as(self.param), alpha=self._t)  # type: ignore[arg-type]
-        self._rows.clear()
-        self._ro.clear()
-        self._h_diag = 1
-        g = self._prev_grad
-        torch.neg(g, out=self._d)
-        first = min(1.0, 1.0 / float(g.abs().sum())) * self.lr
-        self._t = min(first, 0.5 * undone / max(float(torch.linalg.vector_norm(g)), 1e-30))
-        self.n_iter = 1
-        self.param.add_(self._d.view_as(self.param), alpha=self._t)
+    def _reject(self, g: torch.Tensor, learn: bool) -> None:
+        """Undo the last step and take it again from where it began, with what it taught.
 
-    def _update_direction(self, g: torch.Tensor) -> None:
-        """Store the newest curvature pair (if it has positive curvature) and compute the
-        quasi-Newton direction into ``_d`` by the two-loop recursion."""
+        The step's curvature pair (its length, and the gradient ``g`` where it landed less the
+        one where it began) is true of the function wherever the image goes next, so it joins
+        the history, and the quasi-Newton direction at the start point (whose gradient is
+        ``_prev_grad``) is computed again with it: a trust-region method's rejected step, for no
+        extra evaluation. Where the pair shows no positive curvature, or the loss was not finite
+        (``learn`` False: its gradient says nothing), the history is unchanged and the step is
+        halved instead, as a backtracking line search would. Dropping the history instead and starting again with a first step's length
+        (tried first) threw away what L-BFGS had learnt of the scale: at the usual overshoot
+        early in a scale it stalled, and tests/test_tiling.py's 8-step runs ended 2-4x higher.
+        """
+        self.rejected += 1
+        kept = learn and self._store_pair(g)
+        self.param.sub_(self._d.view_as(self.param), alpha=self._t)  # type: ignore[arg-type]
+        if kept:
+            self._direction(self._prev_grad)
+            self._t = self.lr
+        else:
+            self._t = 0.5 * self._t
+        self.param.add_(self._d.view_as(self.param), alpha=self._t)  # type: ignore[arg-type]
+
+    def _store_pair(self, g: torch.Tensor) -> bool:
+        """Add the last step's curvature pair (``g`` less ``_prev_grad``, over the step) to the
+        history if its curvature is positive; whether it was added."""
         row = next(i for i in range(self.history_size + 1) if i not in self._rows)
         y, s = self._y[row], self._s[row]
         torch.sub(g, self._prev_grad, out=y)
         torch.mul(self._d, self._t, out=s)
         ys = y.dot(s)
-        if ys > 1e-10:
-            if len(self._rows) == self.history_size:
-                self._rows.pop(0)
-                self._ro.pop(0)
-            self._rows.append(row)
-            self._ro.append(1.0 / ys)
-            self._h_diag = ys / y.dot(y)
+        if not ys > 1e-10:
+            return False
+        if len(self._rows) == self.history_size:
+            self._rows.pop(0)
+            self._ro.pop(0)
+        self._rows.append(row)
+        self._ro.append(1.0 / ys)
+        self._h_diag = ys / y.dot(y)
+        return True
+
+    def _direction(self, g: torch.Tensor) -> None:
+        """The quasi-Newton direction at a point whose gradient is ``g``, into ``_d``, by the
+        two-loop recursion over the history."""
         rows, ro, al = self._rows, self._ro, self._al
         q = torch.neg(g, out=self._q)
         for i in range(len(rows) - 1, -1, -1):
