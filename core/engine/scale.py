@@ -304,7 +304,7 @@ bf16 0.149 / 0.059 (fp32 0.057 / 0.059), the astronaut (a face) in bf16 0.137 / 
 tests/test_tiling.py's bars over four image seeds (fp32, 8 steps a scale): tiled over untiled
 objective 0.82-1.07 (limit 1.25), seam energy within 4 % (limit 10 %). The first design, which
 dropped the history and started again with a first step's length, stalled at the overshoot
-that is usual early in a scale, and those runs ended 2-4x higher."""
+that is usual early in a scale, and those runs ended 2-4.5x higher."""
 
 
 def make_optimizer(

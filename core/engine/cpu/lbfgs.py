@@ -81,7 +81,7 @@ class LBFGS:
             loss = closure()
         grad = self.param.grad
         g = grad.view(-1) if grad is not None else torch.zeros_like(self._d)
-        # Reading the loss syncs a GPU: only when rejections are on.
+        # Reading the loss syncs a GPU; the engine reads it after every step anyway (progress).
         if self.reject_above is not None:
             value = float(loss)
             if self._blew_up(value):
@@ -130,9 +130,10 @@ class LBFGS:
         ``_prev_grad``) is computed again with it: a trust-region method's rejected step, for no
         extra evaluation. Where the pair shows no positive curvature, or the loss was not finite
         (``learn`` False: its gradient says nothing), the history is unchanged and the step is
-        halved instead, as a backtracking line search would. Dropping the history instead and starting again with a first step's length
-        (tried first) threw away what L-BFGS had learnt of the scale: at the usual overshoot
-        early in a scale it stalled, and tests/test_tiling.py's 8-step runs ended 2-4x higher.
+        halved instead, as a backtracking line search would. Dropping the history and starting
+        again with a first step's length (tried first) threw away what L-BFGS had learnt of the
+        scale: at the usual overshoot early in a scale it stalled, and tests/test_tiling.py's
+        8-step runs ended 2-4.5x higher.
         """
         self.rejected += 1
         kept = learn and self._store_pair(g)
