@@ -512,8 +512,8 @@ class Bench:
                 la, lb = result_loss(lv[on][0]), result_loss(lv[off][0])
                 self.say(
                     f"  {name} @{p.lever_size}: {on_label} {a:.3f} s/it vs {off_label} "
-                    f"{b:.3f} s/it ({b / a:.2f}x); result's loss after {n} steps {la:.6g} vs {lb:.6g} "
-                    f"({rel(lb, la)})"
+                    f"{b:.3f} s/it ({b / a:.2f}x); result's loss after {n} steps "
+                    f"{la:.6g} vs {lb:.6g} ({rel(lb, la)})"
                 )
 
             self.path_rows(lv, tto, row)
