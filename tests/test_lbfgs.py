@@ -10,6 +10,8 @@ first step, one history pair fewer by 0.02-0.14.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -206,3 +208,38 @@ def test_a_nan_loss_counts_as_a_blow_up_and_teaches_nothing() -> None:
     (x0, x1), (_, x2) = _scripted(x, opt, [1.0, float("nan")], [g, 3 * g])
     assert opt.rejected == 1 and opt._rows == []
     torch.testing.assert_close(x2, x0 + 0.5 * (x1 - x0))
+
+
+@pytest.mark.parametrize("spike", [1000.0, float("nan")])
+def test_a_rejected_step_is_not_reported_nor_taken_for_divergence(
+    tiny_settings, monkeypatch, spike
+) -> None:
+    """The engine reports the losses of the image it holds: after a rejected step that is the
+    step's start point, not the blown-up point it evaluated. A NaN there is L-BFGS's to handle
+    (the step is halved); the run is not stopped as diverged."""
+    real = scale._closure
+    calls: list[int] = []
+
+    def spiking(opt, fwd, grams, image, objective, *rest):
+        inner = real(opt, fwd, grams, image, objective, *rest)
+
+        def closure() -> torch.Tensor:
+            loss = inner()
+            calls.append(1)
+            if len(calls) == 4:  # the 4th evaluation "blows up"
+                objective._parts = {k: v * spike for k, v in objective._parts.items()}
+                return loss * spike
+            return loss
+
+        return closure
+
+    monkeypatch.setattr(scale, "_closure", spiking)
+    seen: list[float] = []
+    stylize(
+        make_image(),
+        [make_image(seed=3)],
+        tiny_settings(iterations=6, pyramid=False, early_stop=0.0),
+        on_progress=lambda p: seen.append(p.losses["total"]),
+    )
+    assert len(seen) == 6 and all(math.isfinite(v) for v in seen), seen
+    assert seen[3] == seen[2]  # the rejected 4th step: its start point's losses

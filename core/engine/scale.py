@@ -388,6 +388,11 @@ class EarlyStop:
         return self.threshold > 0 and it - self.best_at >= self.patience
 
 
+def _rejected(opt: LBFGS | torch.optim.Optimizer) -> int:
+    """How many steps the optimiser has rejected so far (only L-BFGS rejects)."""
+    return opt.rejected if isinstance(opt, LBFGS) else 0
+
+
 def _checked(losses: dict[str, float]) -> dict[str, float]:
     if not math.isfinite(losses["total"]):
         raise SettingsError(
@@ -423,6 +428,7 @@ def optimise_scale(
         if should_stop is not None and should_stop():
             raise Cancelled()
         t0 = time.perf_counter()
+        rejected = _rejected(opt)
         # The stubs type the closure as returning float; torch's optimisers take the loss tensor.
         opt.step(closure)  # type: ignore[arg-type]
         if average is not None:
@@ -430,7 +436,11 @@ def optimise_scale(
                 image.clamp_(0, 1)  # box constraint for Adam (not L-BFGS) [crowsonkb]
                 # EMA of the iterates, decay 0.99 [crowsonkb avg_decay].
                 average.mul_(0.99).add_(image.detach(), alpha=0.01)
-        losses = _checked(objective.values())
+        if not losses or _rejected(opt) == rejected:
+            losses = _checked(objective.values())
+        # else: the point evaluated was a step L-BFGS undid (its loss blew up, or was not a
+        # number); the image is back where the last reported losses were measured, so those
+        # stand, and the spike is neither shown nor taken for a diverged run.
         seconds = time.perf_counter() - t0
         stop = early.update(it, losses["total"])
         clock.step_done(index, it, seconds, losses, stop, lambda: _current(image, average))
