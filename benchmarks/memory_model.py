@@ -4,10 +4,13 @@ memory model (core/engine/memory_model.py) to it.
 Each point runs in a fresh process: build the model, trim the heap, reset the kernel's peak-RSS
 mark (``/proc/self/clear_refs``), run one scale of ``stylize`` (no pyramid) for enough steps to
 fill L-BFGS's history, and report the peak over the RSS at the start. The fit is least squares
-of that extra memory against the number of pixels: a fixed part and a part per pixel.
+of that extra memory against the number of pixels: a fixed part and a part per pixel. Points are
+measured with the heap kept whole unless ``--huge-pages`` puts torch's large blocks on
+transparent huge pages (the engine's default; the engine's model has a table for each).
 
     python -m benchmarks.memory_model                       # measure, fit, print the table
     python -m benchmarks.memory_model --sizes 256,512 --variants lbfgs/bf16
+    python -m benchmarks.memory_model --huge-pages --variants lbfgs/bf16,lbfgs/fp32
     python -m benchmarks.memory_model --device cuda --sizes 512,1024,1536,2048,3072
 
 On CUDA the same is read from PyTorch's allocator: GPU memory allocated at the scale's start
@@ -110,6 +113,7 @@ def point(spec: dict[str, Any]) -> dict[str, Any]:
         w, h = style.size
     return {
         **spec,
+        "huge_pages": device == "cpu" and memory.huge_pages(),
         "pixels": w * h,
         "start_mb": start / 1024,
         "peak_mb": peak / 1024,
@@ -118,9 +122,16 @@ def point(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def measure(
-    variant: str, size: int, iterations: int = 12, style: int = 256, device: str = "cpu"
+    variant: str,
+    size: int,
+    iterations: int = 12,
+    style: int = 256,
+    device: str = "cpu",
+    huge_pages: bool = False,
 ) -> dict[str, Any]:
-    """:func:`point` in a fresh Python process (so nothing else sets its peak)."""
+    """:func:`point` in a fresh Python process (so nothing else sets its peak); ``huge_pages``:
+    torch's large blocks on transparent huge pages, as the engine has them by default where the
+    kernel offers them (the point says whether it did: ``huge_pages`` in the result)."""
     if variant.startswith("targets/"):
         style = size
     spec = {
@@ -129,10 +140,9 @@ def measure(
     }  # fmt: skip
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    # The model bounds the heap kept whole (core/engine/cpu/memory.py without huge pages): runs
-    # with their large blocks on huge pages peak lower (746-818 against 979-1014 MiB at 512 px;
-    # 1.14 against 1.39 GB for 2048 px in tiles at 1.5 GB), so the bound holds either way.
-    env["THP_MEM_ALLOC_ENABLE"] = "0"
+    # Without huge pages the heap is kept whole (core/engine/cpu/memory.py), which peaks higher
+    # (979-1014 against 746-818 MiB at 512 px): the model has a table for each.
+    env["THP_MEM_ALLOC_ENABLE"] = "1" if huge_pages else "0"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.memory_model", "--point", json.dumps(spec)],
         cwd=ROOT, env=env, capture_output=True, text=True,
@@ -161,6 +171,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--iterations", type=int, default=12)
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--huge-pages", action="store_true", help="torch's large CPU blocks on huge pages"
+    )
     ns = parser.parse_args(argv)
     if ns.point:
         print(PREFIX + json.dumps(point(json.loads(ns.point))), flush=True)
@@ -169,7 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for variant in ns.variants.split(","):
         points = []
         for size in sizes:
-            p = measure(variant, size, ns.iterations, device=ns.device)
+            p = measure(variant, size, ns.iterations, device=ns.device, huge_pages=ns.huge_pages)
             points.append(p)
             print(
                 f"{variant:12s} {size:5d} px  {p['pixels']:8d} pixels  start {p['start_mb']:7.1f}"

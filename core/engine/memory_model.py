@@ -12,9 +12,11 @@ Model: ``peak = rss_at_start + fixed + per_pixel * pixels (+ canvas_per_pixel * 
 when tiled)``. What the per-pixel cost holds: the activations autograd keeps for the backward
 pass (VGG19 up to relu5_1), their gradients, the optimiser's state (L-BFGS: ``history + 1``
 pairs of image-sized rows), Winograd scratch; the fixed part is what a first step allocates
-once (oneDNN and Winograd workspaces, the Gram matrices). Measured on one machine kind (Intel
-Xeon with AMX, torch 2.13 CPU, glibc): other allocators and kernels differ by some percent, so
-the budget keeps a margin (:data:`SAFETY`).
+once (oneDNN and Winograd workspaces, the Gram matrices). Two tables: with the heap kept whole
+(measured on Intel Xeon with AMX) and with torch's large blocks on transparent huge pages, the
+engine's default where the kernel offers them (measured on AMD EPYC); the planner takes the one
+the process runs with. Other allocators and kernels differ by some percent, so the budget keeps
+a margin (:data:`SAFETY`).
 """
 
 from __future__ import annotations
@@ -71,6 +73,24 @@ COSTS: dict[tuple[str, str], ScaleCost] = {
 """(optimizer, kind) -> cost of one optimisation scale. Kind: "bf16" (autocast), "fp32"
 (Winograd convolutions and fused pooling, the CPU's fp32 path), "plain" (fp32 without either:
 the CPU's with those levers off); "cuda-bf16" and "cuda-fp32" on CUDA GPUs (cuDNN)."""
+# Measured 2026-12-01 with `python -m benchmarks.memory_model --huge-pages` on AMD EPYC (Zen 4,
+# no AMX; 2 cores, THP "madvise", torch 2.13 CPU, glibc), fresh process per point, 12 steps.
+# Extra MiB (pixels): lbfgs/bf16 146-164 (49152), 371-415 (196608, four runs), 617-632
+# (442368), 814-835 (786432), 1233 (1228800), 1525 (1572528); least squares 155-183 MiB +
+# 895-974 B/pixel. lbfgs/fp32 229, 487, 859, 1241 at 49152 ... 786432 pixels (201.6 MiB +
+# 1429 B/pixel). The same machine without huge pages: lbfgs/bf16 409-446 and 1611 MiB at
+# 196608 and 786432 pixels, as COSTS (measured on Intel) predicts. Set above every point:
+# the 512-768 px points bound the fixed part, the slope is rounded up from the fit's.
+HUGE_PAGE_COSTS: dict[tuple[str, str], ScaleCost] = {
+    ("lbfgs", "bf16"): ScaleCost(fixed=240 * MiB, per_pixel=1000.0),
+    ("lbfgs", "fp32"): ScaleCost(fixed=260 * MiB, per_pixel=1500.0),
+}
+"""(optimizer, kind) -> cost of one optimisation scale where torch's large CPU blocks are on
+transparent huge pages (core/engine/cpu/memory.py, the engine's way where the kernel offers
+them): those blocks are unmapped when freed, so the peak is what is alive at once, not a heap
+kept whole. About half of COSTS from 1024 px up, so a print-size scale is painted in fewer,
+larger tiles (less overlap and context to optimise). Kinds not measured this way use COSTS,
+which bounds them from above."""
 # Measured 2026-11-30 with ``benchmarks.memory_model.measure("targets/<kind>", 768)`` (589824
 # pixels, same machine kind as COSTS): extra MiB fp32 520; bf16 419, 471 and, in a CI run, 533
 # (the heap's layout varies from run to run). Per pixel set so the fixed part plus it bounds
@@ -109,9 +129,13 @@ def kind_of(dtype_name: str, winograd: bool, fused_pooling: bool, cuda: bool = F
     return "fp32" if (winograd or fused_pooling) else "plain"
 
 
-def scale_cost(optimizer: str, kind: str, lbfgs_history: int = MEASURED_HISTORY) -> ScaleCost:
-    """The cost of one optimisation scale; L-BFGS's history beyond the measured one added."""
-    base = COSTS[(optimizer, kind)]
+def scale_cost(
+    optimizer: str, kind: str, lbfgs_history: int = MEASURED_HISTORY, huge_pages: bool = False
+) -> ScaleCost:
+    """The cost of one optimisation scale (with torch's large blocks on huge pages or not);
+    L-BFGS's history beyond the measured one added."""
+    table = HUGE_PAGE_COSTS if huge_pages and (optimizer, kind) in HUGE_PAGE_COSTS else COSTS
+    base = table[(optimizer, kind)]
     if optimizer != "lbfgs":
         return base
     more = (lbfgs_history - MEASURED_HISTORY) * HISTORY_BYTES_PER_PIXEL

@@ -94,6 +94,7 @@ class MemoryPlan:
     ) -> MemoryPlan:
         """The budget of ``s.max_memory`` on ``device``: GPU memory on CUDA, else RAM."""
         free: int | None
+        huge_pages = device.type == "cpu" and memory.huge_pages()
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             held = torch.cuda.memory_allocated(device)
@@ -108,7 +109,7 @@ class MemoryPlan:
         return cls(
             memory_model.resolve_budget(s.max_memory, held, free),
             held,
-            memory_model.scale_cost(s.optimizer, kind, s.lbfgs_history),
+            memory_model.scale_cost(s.optimizer, kind, s.lbfgs_history, huge_pages),
             memory_model.TARGETS[kind],
             reach,
             partial(torch.cuda.memory_allocated, device)
