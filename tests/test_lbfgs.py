@@ -125,7 +125,7 @@ def test_the_engine_gives_what_torch_lbfgs_gives(tiny_settings, monkeypatch) -> 
 
     ours, ours_img = run()
 
-    def torch_lbfgs(settings, image):
+    def torch_lbfgs(settings, image, first_scale=None):
         return torch.optim.LBFGS(
             [image], lr=1, max_iter=1, history_size=settings.lbfgs_history
         ), None
@@ -243,3 +243,33 @@ def test_a_rejected_step_is_not_reported_nor_taken_for_divergence(
     )
     assert len(seen) == 6 and all(math.isfinite(v) for v in seen), seen
     assert seen[3] == seen[2]  # the rejected 4th step: its start point's losses
+
+
+def test_a_first_step_sized_by_a_like_problems_curvature() -> None:
+    """torch's first step, lr * min(1, 1/|g|_1) along -g, hardly moves an image; given the
+    curvature scale of a like problem (the tile before), the first step is -scale * g."""
+    x0 = torch.randn(4, 6, generator=torch.Generator().manual_seed(2))
+    x = x0.clone().requires_grad_()
+    _objective(x).backward()
+    g = x.grad.clone()
+    x.grad = None
+    opt = LBFGS(x, lr=1, first_scale=0.3)
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = _objective(x)
+        loss.backward()
+        return loss
+
+    assert opt.curvature_scale is None  # no pair yet
+    opt.step(closure)
+    torch.testing.assert_close(x.detach(), x0 - 0.3 * g)
+    opt.step(closure)
+    s, y = opt._s[opt._rows[-1]], opt._y[opt._rows[-1]]
+    assert opt.curvature_scale == pytest.approx(float(s.dot(y) / y.dot(y)))
+    # Without it, torch's first step: min(1, 1/|g|_1) along -g.
+    z = x0.clone().requires_grad_()
+    plain = LBFGS(z, lr=1)
+    plain.step(lambda: (_objective(z).backward(), _objective(z))[1])
+    step = min(1.0, 1.0 / float(g.abs().sum()))
+    torch.testing.assert_close(z.detach(), x0 - step * g)

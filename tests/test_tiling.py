@@ -20,9 +20,10 @@ from PIL import Image
 
 from benchmarks.peak import run_python
 from core.byte_sizes import parse_bytes
-from core.engine import backbones, memory_model, tiles
+from core.engine import backbones, memory_model, scale, tiles
 from core.engine import run as engine
 from core.engine.cpu import memory
+from core.engine.cpu.lbfgs import LBFGS
 from core.engine.tiled import MAX_ASK, TILE_STEPS_EXTRA, MemoryPlan, _ask
 from core.errors import Cancelled, SettingsError
 from core.settings import Settings
@@ -226,6 +227,27 @@ def test_cancel_mid_tile(held, base, photo_png, style) -> None:
             == ITERATIONS + 2,
         )  # fmt: skip
     assert seen[-1].tile == 2 and seen[-1].iteration == ITERATIONS + 2
+
+
+def test_each_tile_starts_from_the_curvature_of_the_tile_before(
+    held, base, photo_png, style, monkeypatch
+) -> None:
+    # torch's first L-BFGS step hardly moves an image; a tile's first step is sized by the
+    # last curvature scale of the tile before it (core/engine/tiled.py: _paint_tile).
+    made: list[LBFGS] = []
+
+    class Recorded(LBFGS):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(scale, "LBFGS", Recorded)
+    engine.stylize(photo_png, [style], base.replace(max_memory=budget_for(base, SIZE, TILE_PIXELS)))
+    assert len(made) == 2 + 4  # two scales whole, then 2 x 2 tiles
+    assert [o.first_scale for o in made[:3]] == [None, None, None]
+    for before, tile in zip(made[2:], made[3:], strict=False):
+        assert before.curvature_scale is not None and before.curvature_scale > 0
+        assert tile.first_scale == before.curvature_scale
 
 
 def test_a_budget_too_small_for_any_tile_is_a_clear_error(held, base, photo_png, style) -> None:

@@ -80,6 +80,8 @@ class ScaleResult:
     losses: dict[str, float]
     steps: int
     restored_best: bool
+    curvature: float | None = None
+    """L-BFGS's last curvature scale (``LBFGS.curvature_scale``), for a like problem next."""
 
 
 # ---- the objective --------------------------------------------------------------------------
@@ -308,13 +310,18 @@ that is usual early in a scale, and those runs ended 2-4.5x higher."""
 
 
 def make_optimizer(
-    s: Settings, image: torch.Tensor
+    s: Settings, image: torch.Tensor, first_scale: float | None = None
 ) -> tuple[LBFGS | torch.optim.Optimizer, torch.Tensor | None]:
-    """The optimiser for one scale, and Adam's iterate average (None for L-BFGS)."""
+    """The optimiser for one scale, and Adam's iterate average (None for L-BFGS);
+    ``first_scale``: L-BFGS's first step from a like problem's curvature (see LBFGS)."""
     if s.optimizer == "lbfgs":
         # One function evaluation per step, history 10 [crowsonkb]; lr 1 is L-BFGS's own.
         # torch.optim.LBFGS's arithmetic with preallocated state (core/engine/cpu/lbfgs.py).
-        return LBFGS(image, lr=1, history_size=s.lbfgs_history, reject_above=REJECT_ABOVE), None
+        lbfgs = LBFGS(
+            image, lr=1, history_size=s.lbfgs_history, reject_above=REJECT_ABOVE,
+            first_scale=first_scale,
+        )  # fmt: skip
+        return lbfgs, None
     # The average starts at the first iterate, a meaningful image, so it needs no bias correction.
     return torch.optim.Adam([image], lr=s.learning_rate), image.detach().clone()
 
@@ -413,12 +420,14 @@ def optimise_scale(
     should_stop: Callable[[], bool] | None,
     guide: GramGuide | None = None,
     embed: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    first_scale: float | None = None,
 ) -> ScaleResult:
     """Run scale ``index`` from the leaf ``image`` (style Grams guided by ``guide``, see
     ``face_guide``); raises Cancelled when ``should_stop()`` (checked before every step) says
     so. ``embed`` (tiles, core/engine/tiled.py) puts the leaf into the fixed context the
-    network sees around it."""
-    opt, average = make_optimizer(s, image)
+    network sees around it; ``first_scale``, the curvature of the tile before it (its
+    ScaleResult.curvature), sizes L-BFGS's first step."""
+    opt, average = make_optimizer(s, image, first_scale)
     best = BestImage() if average is None else None
     closure = _closure(opt, fwd, plan.style, image, objective, best, guide, embed)
     early = EarlyStop(s.early_stop, s.patience)
@@ -450,5 +459,9 @@ def optimise_scale(
         # The last evaluated image was not the best: the run went uphill at the end, so the
         # final step (never evaluated) is not trusted either.
         assert best.image is not None
-        return ScaleResult(best.image, best.losses, it, True)
-    return ScaleResult(_current(image, average).detach(), losses, it, False)
+        return ScaleResult(best.image, best.losses, it, True, _curvature(opt))
+    return ScaleResult(_current(image, average).detach(), losses, it, False, _curvature(opt))
+
+
+def _curvature(opt: LBFGS | torch.optim.Optimizer) -> float | None:
+    return opt.curvature_scale if isinstance(opt, LBFGS) else None

@@ -43,7 +43,14 @@ class LBFGS:
         tolerance_grad: float = 1e-7,
         tolerance_change: float = 1e-9,
         reject_above: float | None = None,
+        first_scale: float | None = None,
     ) -> None:
+        """``first_scale``: the curvature scale (:attr:`curvature_scale`) of a like problem just
+        solved; the first step is then ``-first_scale * g`` at ``lr``, as a later step with an
+        empty history would be, not torch's ``lr * min(1, 1/|g|_1)`` along ``-g``. On an image
+        torch's first step moves almost nothing: the first two evaluations of every scale and
+        tile of an engine trace were equal to 3 digits, one step in five of a print's last
+        tiles (docs/BENCHMARKS.md)."""
         if history_size < 1:
             raise ValueError("history_size must be at least 1")
         n = param.numel()
@@ -60,9 +67,10 @@ class LBFGS:
         self._ro: list[torch.Tensor] = []
         self._al: list[torch.Tensor] = [torch.zeros(())] * history_size
         self._t: float | torch.Tensor = lr
-        self._h_diag: int | torch.Tensor = 1
+        self._h_diag: float | torch.Tensor = 1.0
         self.n_iter = 0
         self.reject_above = reject_above
+        self.first_scale = first_scale
         self._last_loss: float | None = None
         self.rejected = 0
 
@@ -92,12 +100,15 @@ class LBFGS:
         self.n_iter += 1
         if self.n_iter == 1:
             torch.neg(g, out=self._d)
-            self._h_diag = 1
+            self._h_diag = 1.0
+            if self.first_scale is not None:
+                self._d.mul_(self.first_scale)
+                self._h_diag = self.first_scale
         else:
             self._store_pair(g)
             self._direction(g)
         self._prev_grad.copy_(g)
-        if self.n_iter == 1:
+        if self.n_iter == 1 and self.first_scale is None:
             # torch's own expression: a float 1.0 or a 0-dim tensor, kept as is.
             self._t = cast(float | torch.Tensor, min(1.0, 1.0 / g.abs().sum())) * self.lr
         else:
@@ -106,6 +117,12 @@ class LBFGS:
             return loss
         self.param.add_(self._d.view_as(self.param), alpha=self._t)  # type: ignore[arg-type]
         return loss
+
+    @property
+    def curvature_scale(self) -> float | None:
+        """``s.y / y.y`` of the newest curvature pair (the scale of the inverse Hessian that
+        L-BFGS starts its recursion from; Nocedal and Wright eq. 7.20), None before any."""
+        return float(self._h_diag) if self._rows else None
 
     def _blew_up(self, value: float) -> bool:
         """Whether the last step took the loss above ``reject_above`` times the loss where it
