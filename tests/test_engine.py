@@ -364,7 +364,7 @@ def test_lbfgs_scale_ends_on_its_best_image_after_going_uphill(
     tiny_settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A step size far too large makes L-BFGS overshoot; the scale must not end on the worse image.
-    def overshooting(s, image):
+    def overshooting(s, image, first_scale=None):
         return torch.optim.LBFGS([image], lr=50.0, max_iter=1, history_size=10), None
 
     monkeypatch.setattr(scale, "make_optimizer", overshooting)
