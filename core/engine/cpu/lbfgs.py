@@ -99,11 +99,8 @@ class LBFGS:
             return loss
         self.n_iter += 1
         if self.n_iter == 1:
-            torch.neg(g, out=self._d)
-            self._h_diag = 1.0
-            if self.first_scale is not None:
-                self._d.mul_(self.first_scale)
-                self._h_diag = self.first_scale
+            self._h_diag = 1.0 if self.first_scale is None else self.first_scale
+            torch.mul(g, -self._h_diag, out=self._d)
         else:
             self._store_pair(g)
             self._direction(g)
