@@ -14,6 +14,7 @@ from core.engine.losses import (
     MaskedContentLoss,
     Scale,
     StyleLoss,
+    StyleShift,
     SumLoss,
     TVLoss,
     gram,
@@ -158,6 +159,20 @@ def test_gram_of_bf16_features_is_exact_and_keeps_only_the_bf16_activation(
 def test_style_loss_takes_an_activation_or_its_gram() -> None:
     x, target = torch.rand(1, 4, 6, 6), gram(torch.rand(1, 4, 6, 6))
     assert StyleLoss(target)(gram(x)).item() == pytest.approx(StyleLoss(target)(x).item())
+
+
+def test_a_style_shift_targets_its_first_inputs_gram_moved_by_the_shift() -> None:
+    x0, later = torch.rand(1, 4, 6, 6), torch.rand(1, 4, 6, 6)
+    shift = torch.rand(1, 4, 4) * 0.1
+    term = StyleShift(shift)
+    assert term.start is None
+    first = term(x0)
+    torch.testing.assert_close(term.start, gram(x0))
+    assert first.item() == pytest.approx(StyleLoss(gram(x0) + shift)(x0).item())
+    # Later inputs are measured against the same target, not against their own Gram.
+    assert term(later).item() == pytest.approx(StyleLoss(gram(x0) + shift)(later).item())
+    torch.testing.assert_close(term.start, gram(x0))
+    assert StyleShift(torch.zeros(1, 4, 4))(gram(x0)).item() == pytest.approx(0.0, abs=1e-6)
 
 
 # ---- spatial guidance (keep_faces) ----------------------------------------------------------

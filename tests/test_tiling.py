@@ -24,6 +24,7 @@ from core.engine import backbones, memory_model, scale, tiles
 from core.engine import run as engine
 from core.engine.cpu import memory
 from core.engine.cpu.lbfgs import LBFGS
+from core.engine.model import layer_plan
 from core.engine.tiled import MAX_ASK, TILE_STEPS_EXTRA, MemoryPlan, _ask
 from core.errors import Cancelled, SettingsError
 from core.settings import Settings
@@ -248,6 +249,72 @@ def test_each_tile_starts_from_the_curvature_of_the_tile_before(
     for before, tile in zip(made[2:], made[3:], strict=False):
         assert before.curvature_scale is not None and before.curvature_scale > 0
         assert tile.first_scale == before.curvature_scale
+
+
+def count_core_gram_passes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Records how many cores each gradient-free Gram pass of a tiled scale (tiled._core_grams)
+    takes."""
+    from core.engine import tiled
+
+    calls: list[int] = []
+    real = tiled._core_grams
+
+    def counted(fwd, plan, canvas, grid, cores):  # type: ignore[no-untyped-def]
+        cores = tuple(cores)
+        calls.append(len(cores))
+        return real(fwd, plan, canvas, grid, cores)
+
+    monkeypatch.setattr(tiled, "_core_grams", counted)
+    return calls
+
+
+def test_a_tiles_start_grams_come_from_its_first_evaluation(
+    held, base, photo_png, style, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No gradient-free pass over a tile's window before its steps (half a step's time): its
+    core's Grams at the start, which its target and the whole image's Grams are taken from,
+    are its first evaluation's (losses.StyleShift)."""
+    from core.engine import tiled
+    from core.engine.losses import GramGuide, gram_key
+
+    calls = count_core_gram_passes(monkeypatch)
+    checked: list[float] = []
+    real_tile = tiled._paint_tile
+
+    def spy(s, plan, fwd, index, clock, stop, canvas, photo, prep, box, tile, *rest):  # type: ignore[no-untyped-def]
+        guide = GramGuide(tiled._core_weights(tile, box, canvas.device))
+        with torch.no_grad():
+            feats = fwd(tiled._cut(canvas, box), plan.style, grams=plan.style, guide=guide)
+        done, start = real_tile(s, plan, fwd, index, clock, stop, canvas, photo, prep, box,
+                                tile, *rest)  # fmt: skip
+        assert set(start) == set(plan.style)
+        for n in plan.style:
+            want = feats[gram_key(n)]
+            checked.append(float((start[n] - want).abs().max() / want.abs().max()))
+        return done, start
+
+    monkeypatch.setattr(tiled, "_paint_tile", spy)
+    engine.stylize(photo_png, [style], base.replace(max_memory=budget_for(base, SIZE, TILE_PIXELS)))
+    n = len(grid_of(base.replace(max_memory=budget_for(base, SIZE, TILE_PIXELS))).tiles)
+    assert calls == [1] * (2 * n)  # the scale's start, then one after each tile
+    assert len(checked) == n * len(layer_plan(base).style) and max(checked) < 1e-4
+
+
+def test_under_a_face_mask_a_tile_takes_its_plain_core_grams_before_its_steps(
+    held, base, photo_png, style, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a face, a tile's Grams in its steps are guided by the face mask; the whole image's
+    Grams (the sum of its cores' plain ones) then need the pass before each tile."""
+    from core import faces
+
+    calls = count_core_gram_passes(monkeypatch)
+    monkeypatch.setattr(faces, "detect_faces", lambda photo: [faces.Face(0.3, 0.2, 0.4, 0.5)])
+    settings = base.replace(max_memory=budget_for(base, SIZE, TILE_PIXELS), keep_faces=0.8)
+    out = engine.stylize(photo_png, [style], settings)
+    n = len(grid_of(settings).tiles)
+    assert len(out.metadata["faces"]["boxes"]) == 1
+    assert calls == [1] * (3 * n)  # the scale's start, then before and after each tile
+    assert math.isfinite(out.metadata["losses"]["style"])
 
 
 def test_a_budget_too_small_for_any_tile_is_a_clear_error(held, base, photo_png, style) -> None:

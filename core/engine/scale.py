@@ -138,15 +138,24 @@ def face_guide(s: Settings, mask: torch.Tensor) -> GramGuide:
     return GramGuide(1.0 - mask * (1.0 - faces.style_factor(s.keep_faces)))
 
 
+StyleTerm = Callable[[torch.Tensor], nn.Module]
+"""A style loss from its Gram target: StyleLoss, or StyleShift (the target a shift of the start
+image's own Gram; blend shares sum to 1, so the share-weighted mean of shifts is the shift of
+the mean target)."""
+
+
 def style_terms(
-    s: Settings, plan: LayerPlan, targets: Iterable[tuple[Grams, float]]
+    s: Settings,
+    plan: LayerPlan,
+    targets: Iterable[tuple[Grams, float]],
+    loss: StyleTerm = StyleLoss,
 ) -> list[nn.Module]:
     """Style losses against each (Gram targets, blend share): one term per image and layer, or,
     with ``style_blend="gram"``, one per layer against the share-weighted mean Gram."""
     layer_weights = list(zip(plan.style, plan.style_weights, strict=True))
     if s.style_blend != "gram":
         return [
-            Scale(LayerApply(StyleLoss(grams[n]), gram_key(n)), s.style_weight * lw * share)
+            Scale(LayerApply(loss(grams[n]), gram_key(n)), s.style_weight * lw * share)
             for grams, share in targets
             for n, lw in layer_weights
         ]
@@ -155,7 +164,7 @@ def style_terms(
         for n in plan.style:
             mixed[n] = mixed[n] + grams[n] * share if n in mixed else grams[n] * share
     return [
-        Scale(LayerApply(StyleLoss(mixed[n]), gram_key(n)), s.style_weight * lw)
+        Scale(LayerApply(loss(mixed[n]), gram_key(n)), s.style_weight * lw)
         for n, lw in layer_weights
     ]
 
@@ -167,12 +176,13 @@ def build_objective(
     content_t: torch.Tensor,
     style_targets: Iterable[tuple[Grams, float]],
     face_mask: torch.Tensor | None = None,
+    style_loss: StyleTerm = StyleLoss,
 ) -> SumLoss:
     """Content, style and TV terms of one scale (with faces kept under ``face_mask``, a soft
     (1, 1, H, W) mask at this scale). ``style_targets`` is read after the content features
     are dropped (pass a generator to compute the targets only then)."""
     content = content_terms(s, plan, fwd, content_t, face_mask)
-    style = style_terms(s, plan, style_targets)
+    style = style_terms(s, plan, style_targets, style_loss)
     tv = [Scale(LayerApply(TVLoss(), "input"), s.tv_weight)]
     return SumLoss({"content": content, "style": style, "tv": tv})
 

@@ -22,7 +22,7 @@ from core.byte_sizes import format_bytes
 from core.engine import memory_model, tiles
 from core.engine.cpu import memory
 from core.engine.device import pick_fused_pooling, pick_winograd
-from core.engine.losses import GramGuide, gram_key
+from core.engine.losses import GramGuide, StyleShift, gram_key
 from core.engine.memory_model import CANVAS_BYTES_PER_PIXEL, SAFETY, ScaleCost
 from core.engine.model import Forward, LayerPlan
 from core.engine.scale import (
@@ -314,20 +314,23 @@ def paint_tiled(
         clock.begin_tile(TileStep(k, tile.pixels, remaining, composer(canvas, tile)))
         box = grid.window(tile)
         share = _share(grid, tile)
-        before = _core_grams(fwd, plan, canvas, grid, (tile,))
+        # Under a face mask the tile's Grams are guided by it, so its first evaluation's are
+        # not its core's plain ones that ``whole`` sums.
+        before = None if face_mask is None else _core_grams(fwd, plan, canvas, grid, (tile,))
         part = {n: e / share for n, e in energy[k].items()}
-        mine = [
-            (_tile_target(before, share, _ask(g, whole, ask, rest, part)), w)
-            for (g, w), ask in zip(targets, first, strict=True)
+        asks = [
+            (_ask(g, whole, ask, rest, part), w) for (g, w), ask in zip(targets, first, strict=True)
         ]
-        done = _paint_tile(s, plan, fwd, index, clock, should_stop, canvas, photo,
-                           content_prep, box, tile, mine, face_mask, curvature)  # fmt: skip
+        done, start = _paint_tile(s, plan, fwd, index, clock, should_stop, canvas, photo,
+                                  content_prep, box, tile, asks, face_mask, curvature)  # fmt: skip
+        if before is None:
+            before = {n: g * share for n, g in start.items()}
         curvature = done.curvature or curvature
         rest = {n: r - energy[k][n] for n, r in rest.items()}
         for name, value in done.losses.items():
             totals[name] = totals.get(name, 0.0) + value * share
         steps, restored = steps + done.steps, restored or done.restored_best
-        del done, mine
+        del done, asks, start
         # The steps' freed blocks stay in the heap, where the gradient-free pass's blocks of
         # other sizes did not fit them: it peaked above the steps (a 2048 px run's trace).
         memory.release()
@@ -354,13 +357,15 @@ def _paint_tile(
     content_prep: Callable[[torch.Tensor], torch.Tensor],
     box: tuple[int, int, int, int],
     tile: tiles.Tile,
-    targets: list[tuple[Grams, float]],
+    asks: list[tuple[Grams, float]],
     face_mask: torch.Tensor | None,
     curvature: float | None = None,
-) -> ScaleResult:
-    """One tile optimised in its window ``box`` towards ``targets`` (its core's Gram
-    targets), its tone matched to its painted neighbours' (core/engine/tile_tone.py) and
-    blended into the canvas; its objective and optimiser go when it returns.
+) -> tuple[ScaleResult, Grams]:
+    """One tile optimised in its window ``box``, its core's Gram matrices moved by ``asks``
+    (each style image's, with its blend share; losses.StyleShift), its tone matched to its
+    painted neighbours' (core/engine/tile_tone.py) and blended into the canvas; its objective
+    and optimiser go when it returns. Also returns the core's Grams at the start (its first
+    evaluation's: guided by the face mask where there is one).
 
     ``curvature``: the tile before's last L-BFGS curvature scale, which sizes this tile's first
     step (core/engine/cpu/lbfgs.py: torch's first step moves an image almost nothing, and a
@@ -371,7 +376,13 @@ def _paint_tile(
     trend in size (one 512 px run), too loose a guess."""
     content_t = content_prep(to_tensor(photo.crop(box), canvas.device))
     mask = None if face_mask is None else _cut(face_mask, box)
-    objective = build_objective(s, plan, fwd, content_t, targets, mask)
+    shifts: list[StyleShift] = []
+
+    def shift(ask: torch.Tensor) -> StyleShift:
+        shifts.append(StyleShift(ask))
+        return shifts[-1]
+
+    objective = build_objective(s, plan, fwd, content_t, asks, mask, shift)
     del content_t
     embed, core = _embedding(canvas, tile, box)
     guide = GramGuide(core if mask is None else core * face_guide(s, mask).weights)
@@ -382,7 +393,13 @@ def _paint_tile(
         s, fwd, plan, objective, leaf, index, clock, should_stop, guide, embed, curvature
     )
     blend(canvas, tile, match_tone(tile, region, done.image))
-    return done
+    # The first len(plan.style) terms are one per style layer, in order (scale.style_terms).
+    return done, {n: _started(term) for n, term in zip(plan.style, shifts, strict=False)}
+
+
+def _started(term: StyleShift) -> torch.Tensor:
+    assert term.start is not None, "a tile's optimiser evaluates its start first"
+    return term.start
 
 
 def _style_loss(
@@ -438,12 +455,6 @@ def _start_grams(
         whole = {n: whole[n] + g if n in whole else g for n, g in mine.items()}
     totals = {n: sum(t[n] for t in traces) for n in whole}
     return whole, [{n: t[n] / max(totals[n], 1e-30) for n in t} for t in traces]
-
-
-def _tile_target(mine: Grams, share: float, ask: Grams) -> Grams:
-    """The Gram target of a tile's core (``mine``: its share times its Gram now): its own
-    Gram moved by ``ask``."""
-    return {n: mine[n] / share + ask[n] for n in ask}
 
 
 def _share(grid: tiles.TileGrid, tile: tiles.Tile) -> float:
