@@ -68,6 +68,10 @@ def test_huge_pages_have_their_own_costs_where_measured() -> None:
     assert huge.extra(1_000_000) < memory_model.scale_cost("lbfgs", "bf16").extra(1_000_000)
     longer = memory_model.scale_cost("lbfgs", "bf16", lbfgs_history=20, huge_pages=True)
     assert longer.per_pixel - huge.per_pixel == 10 * 2 * 3 * 4
+    # Freed large blocks go back to the kernel: nothing is left behind for later tiles, with or
+    # without a longer history; the kept heap counts what earlier scales leave.
+    assert huge.tile_extra == longer.tile_extra == 1.0
+    assert memory_model.scale_cost("lbfgs", "bf16", lbfgs_history=20).tile_extra > 1.0
     # Not measured with huge pages: the kept heap's costs, which bound them from above.
     assert (
         memory_model.scale_cost("adam", "bf16", huge_pages=True)

@@ -25,7 +25,7 @@ from core.engine import run as engine
 from core.engine.cpu import memory
 from core.engine.cpu.lbfgs import LBFGS
 from core.engine.model import layer_plan
-from core.engine.tiled import MAX_ASK, TILE_STEPS_EXTRA, MemoryPlan, _ask
+from core.engine.tiled import MAX_ASK, MemoryPlan, _ask
 from core.errors import Cancelled, SettingsError
 from core.settings import Settings
 from core.types import Progress
@@ -49,7 +49,7 @@ def budget_for(settings: Settings, size: tuple[int, int], window_pixels: int) ->
     """A max_memory that leaves room for tile windows of ``window_pixels`` at a ``size`` scale."""
     cost = engine_cost(settings)
     canvas = memory_model.CANVAS_BYTES_PER_PIXEL * size[0] * size[1]
-    steps = cost.fixed + TILE_STEPS_EXTRA * cost.per_pixel * window_pixels
+    steps = cost.fixed + cost.tile_extra * cost.per_pixel * window_pixels
     return f"{math.ceil((HELD + canvas + steps) / memory_model.SAFETY)}B"
 
 

@@ -22,7 +22,7 @@ a margin (:data:`SAFETY`).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from core.byte_sizes import parse_bytes
 
@@ -35,6 +35,13 @@ class ScaleCost:
 
     fixed: float
     per_pixel: float
+    tile_extra: float = 1.2
+    """What a tile's steps add per pixel in a print-size run, over this cost of the same pixels
+    in a fresh process: the heap that the run's earlier scales and tiles left behind. With the
+    heap kept whole, measured from four runs' peaks over the planner's prediction (2048 px at
+    1.5GB three times, 4096 px at 3GB once; benchmarks/tiles.py, Intel with AMX): 1.16-1.21x
+    the predicted extra (without it, a 2048 px run peaked 8 MB over its budget). 1 where
+    torch's large blocks are unmapped when freed (HUGE_PAGE_COSTS)."""
 
     def extra(self, pixels: int) -> int:
         return int(self.fixed + self.per_pixel * pixels)
@@ -82,15 +89,17 @@ the CPU's with those levers off); "cuda-bf16" and "cuda-fp32" on CUDA GPUs (cuDN
 # 196608 and 786432 pixels, as COSTS (measured on Intel) predicts. Set above every point:
 # the 512-768 px points bound the fixed part, the slope is rounded up from the fit's.
 HUGE_PAGE_COSTS: dict[tuple[str, str], ScaleCost] = {
-    ("lbfgs", "bf16"): ScaleCost(fixed=240 * MiB, per_pixel=1000.0),
-    ("lbfgs", "fp32"): ScaleCost(fixed=260 * MiB, per_pixel=1500.0),
+    ("lbfgs", "bf16"): ScaleCost(fixed=240 * MiB, per_pixel=1000.0, tile_extra=1.0),
+    ("lbfgs", "fp32"): ScaleCost(fixed=260 * MiB, per_pixel=1500.0, tile_extra=1.0),
 }
 """(optimizer, kind) -> cost of one optimisation scale where torch's large CPU blocks are on
 transparent huge pages (core/engine/cpu/memory.py, the engine's way where the kernel offers
 them): those blocks are unmapped when freed, so the peak is what is alive at once, not a heap
 kept whole. About half of COSTS from 1024 px up, so a print-size scale is painted in fewer,
 larger tiles (less overlap and context to optimise). Kinds not measured this way use COSTS,
-which bounds them from above."""
+which bounds them from above. No heap is left behind for later tiles (``tile_extra`` 1): with
+1.2, the 4096 px print at 3GB and the 2048 px one at 1.5GB peaked 0.38 and 0.13 GB under the
+prediction (2.287 GB against 2.665, 1.211 against 1.342; AMD EPYC, docs/BENCHMARKS.md)."""
 # Measured 2026-11-30 with ``benchmarks.memory_model.measure("targets/<kind>", 768)`` (589824
 # pixels, same machine kind as COSTS): extra MiB fp32 520; bf16 419, 471 and, in a CI run, 533
 # (the heap's layout varies from run to run). Per pixel set so the fixed part plus it bounds
@@ -139,7 +148,7 @@ def scale_cost(
     if optimizer != "lbfgs":
         return base
     more = (lbfgs_history - MEASURED_HISTORY) * HISTORY_BYTES_PER_PIXEL
-    return ScaleCost(base.fixed, base.per_pixel + more)
+    return replace(base, per_pixel=base.per_pixel + more)
 
 
 def available_ram() -> int | None:

@@ -55,13 +55,6 @@ then dropped (weight 0), and so were the earlier tile's in the last (weight 1). 
 over an overlap of half the width blends the same, with fewer pixels per step; the tile's edge
 pixels see the painting around them (the context)."""
 
-TILE_STEPS_EXTRA = 1.2
-"""What a tile's steps add per pixel in a print-size run, over a fresh process's cost of the
-same pixels (memory_model.COSTS): the heap the run's earlier scales and tiles left behind. Measured
-from four runs' peaks over the planner's prediction (2048 px at 1.5GB three times, 4096 px at
-3GB once; benchmarks/tiles.py): 1.16-1.21x the predicted extra. Without it, the last 2048 px
-run peaked 8 MB over its budget."""
-
 SOURCE_BYTES_PER_PIXEL = 20
 """What the targets' pass of a tiled run holds beyond the model, per pixel of the style image
 as given (before it is resized to the scale). Measured on a 2048 px scale at 1.5GB: from a
@@ -119,8 +112,9 @@ class MemoryPlan:
 
     @property
     def tile_cost(self) -> ScaleCost:
-        """A tile's steps in a tiled scale: the per-pixel cost times TILE_STEPS_EXTRA."""
-        return ScaleCost(self.cost.fixed, self.cost.per_pixel * TILE_STEPS_EXTRA)
+        """A tile's steps in a tiled scale: the per-pixel cost times what the run's earlier
+        scales and tiles leave behind (ScaleCost.tile_extra)."""
+        return ScaleCost(self.cost.fixed, self.cost.per_pixel * self.cost.tile_extra)
 
     def room(self) -> float | None:
         """Bytes the scales may add to what is held (None: no limit)."""
