@@ -294,8 +294,9 @@ def test_a_tiles_start_grams_come_from_its_first_evaluation(
         return done, start
 
     monkeypatch.setattr(tiled, "_paint_tile", spy)
-    engine.stylize(photo_png, [style], base.replace(max_memory=budget_for(base, SIZE, TILE_PIXELS)))
-    n = len(grid_of(base.replace(max_memory=budget_for(base, SIZE, TILE_PIXELS))).tiles)
+    settings = base.replace(max_memory=budget_for(base, SIZE, TILE_PIXELS))
+    engine.stylize(photo_png, [style], settings)
+    n = len(grid_of(settings).tiles)
     assert calls == [1] * (2 * n)  # the scale's start, then one after each tile
     assert len(checked) == n * len(layer_plan(base).style) and max(checked) < 1e-4
 

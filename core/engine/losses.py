@@ -219,7 +219,7 @@ class StyleShift(nn.Module):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         g = input if input.dim() == 3 else gram(input)
         if self.target is None:
-            self.start = g.detach().float().clone()
+            self.start = g.detach().float()  # nothing writes to a Gram in place
             self.target = self.start + self.shift
         return scaled_mse(g, self.target)
 
